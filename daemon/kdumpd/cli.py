@@ -1,0 +1,160 @@
+"""The ``kdumpd`` command line: the only place that prints and exits.
+
+Every KdumpdError becomes one line on stderr and the class's exit code; ``--debug`` adds the
+traceback. Nothing here decides anything: it parses, calls, formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kdumpd import __version__
+from kdumpd.errors import KdumpdError
+from kdumpd.plan import Plan, make_plan, write_extents_file
+from kdumpd.vmcore.core import open_vmcore
+
+__all__ = ["main"]
+
+_CATEGORY_LABELS = [
+    ("zero", "Pages filled with zero"),
+    ("cache", "Non-private cache pages"),
+    ("cache_private", "Private cache pages"),
+    ("user", "User process data pages"),
+    ("free", "Free pages"),
+    ("hwpoison", "Hwpoison pages"),
+    ("offline", "Offline pages"),
+    ("remaining", "Remaining pages"),
+]
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal, shown only once the work has taken > 1 s."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.shown = False
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.start < 1.0 or now - self.last < 0.1:
+            return
+        self.last = now
+        self.shown = True
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 40)
+        sys.stderr.write(f"\rclassifying [{bar:<40}] {frac * 100:5.1f}%")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+def _dump_level(text: str) -> int:
+    try:
+        level = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dump level {text!r} is not a number") from None
+    if not 0 <= level <= 31:
+        raise argparse.ArgumentTypeError(f"dump level {level} is outside 0..31")
+    return level
+
+
+def _build_plan(args: argparse.Namespace) -> Plan:
+    bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
+    try:
+        with open_vmcore(args.vmcore) as vm:
+            return make_plan(
+                vm, args.dump_level, count_zero=getattr(args, "count_zero", False), progress=bar
+            )
+    finally:
+        bar.close()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    plan = _build_plan(args)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        return 0
+    print(f"kernel {plan.osrelease} ({plan.arch}), dump level {plan.dump_level}")
+    print("Excluded pages (makedumpfile categories):")
+    for key, label in _CATEGORY_LABELS:
+        value = plan.categories.get(key)
+        shown = "not computed" if value is None else f"0x{value:016x}"
+        print(f"  {label:<26}: {shown}")
+    print(f"  {'Total pages':<26}: 0x{plan.total_pages:016x}")
+    print(f"reusable: {plan.reusable_pages} pages ({_fmt_bytes(plan.reusable_bytes)}) "
+          f"in {len(plan.extents)} extents")
+    for rule, why in plan.withheld.items():
+        print(f"withheld {rule}: {why}")
+    feats: dict[str, Any] = plan.features
+    print("layout: " + ", ".join(f"{k}={v}" for k, v in sorted(feats.items())))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _build_plan(args)
+    write_extents_file(args.extents, plan.extents)
+    print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
+          f"({_fmt_bytes(plan.reusable_bytes)}) written to {args.extents}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdumpd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kdumpd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    survey = sub.add_parser("survey", help="count pages per class and what could be reused")
+    survey.add_argument("vmcore")
+    survey.add_argument("--dump-level", "-d", type=_dump_level, default=31)
+    survey.add_argument("--json", action="store_true")
+    survey.add_argument("--count-zero", action="store_true",
+                        help="also read page contents to count zero pages (slow)")
+    survey.set_defaults(func=cmd_survey)
+
+    plan = sub.add_parser("plan", help="write the reusable pfn extents")
+    plan.add_argument("vmcore")
+    plan.add_argument("--dump-level", "-d", type=_dump_level, default=31)
+    plan.add_argument("--extents", required=True, metavar="FILE")
+    plan.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="kdumpd: %(levelname)s: %(message)s",
+    )
+    try:
+        rc: int = args.func(args)
+        return rc
+    except KdumpdError as exc:
+        if args.debug:
+            raise
+        print(f"kdumpd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

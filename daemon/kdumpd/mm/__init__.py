@@ -1,0 +1,1 @@
+"""The crashed kernel's memory map: struct page layout, mem_section walk, page classes."""

@@ -1,0 +1,83 @@
+"""Dump level + safety rules -> which page classes may be reused, with named reasons.
+
+Pure: it only decides. A class is reusable when the configured dump level excludes it from
+the dump anyway (so the dump stays identical) and no safety rule objects. Rules only ever take
+classes away; nothing here can widen what the dump level allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from kdumpd.errors import ConfigError
+from kdumpd.mm.classify import PageClass
+from kdumpd.mm.pagelayout import OrderSource, PageLayout
+
+__all__ = ["DL_CACHE", "DL_CACHE_PRIVATE", "DL_FREE", "DL_USER", "DL_ZERO", "ReusePolicy"]
+
+DL_ZERO = 1
+DL_CACHE = 2
+DL_CACHE_PRIVATE = 4
+DL_USER = 8
+DL_FREE = 16
+
+
+def excluded_classes(dump_level: int) -> set[PageClass]:
+    """Classes makedumpfile ``-d dump_level`` leaves out of the dump.
+
+    Zero pages (bit 1) are detected by content, and a page kdumpd writes is no longer zero, so
+    bit 1 never makes a page reusable. Unaccepted pages are excluded by bit 16 but cannot be
+    touched at all, so they are not listed.
+    """
+    if not 0 <= dump_level <= 31:
+        raise ConfigError(f"dump level {dump_level} is outside 0..31")
+    out: set[PageClass] = set()
+    if dump_level & (DL_CACHE | DL_CACHE_PRIVATE):
+        out.add(PageClass.CACHE)
+    if dump_level & DL_CACHE_PRIVATE:
+        out.add(PageClass.CACHE_PRIVATE)
+    if dump_level & DL_USER:
+        out |= {PageClass.USER_ANON, PageClass.USER_HUGETLB}
+    if dump_level & DL_FREE:
+        out.add(PageClass.FREE)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReusePolicy:
+    """The reusable classes and the reasons any class was withheld."""
+
+    dump_level: int
+    classes: frozenset[PageClass]
+    withheld: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, dump_level: int, layout: PageLayout) -> ReusePolicy:
+        classes = excluded_classes(dump_level)
+        withheld: dict[str, str] = {}
+        if layout.order_source == OrderSource.FLAGS1_PG_HUGETLB and PageClass.USER_HUGETLB in classes:
+            # makedumpfile issue #21: on 6.6..6.8 PG_hugetlb is set in folio._flags_1 of kernel
+            # compound pages that are not hugetlb (the IDT); trust no page that is "user" only
+            # because of that bit.
+            classes.discard(PageClass.USER_HUGETLB)
+            withheld["user_hugetlb"] = (
+                "PG_hugetlb in folio._flags_1 also marks kernel compound pages (6.6-6.8)"
+            )
+        return cls(dump_level, frozenset(classes), withheld)
+
+    def reusable_mask(
+        self,
+        classes: npt.NDArray[np.uint8],
+        poisoned: npt.NDArray[np.bool_],
+        usable: npt.NDArray[np.bool_],
+    ) -> npt.NDArray[np.bool_]:
+        """Per-page verdict; ``usable`` = in a PT_LOAD's file bytes and a present, online
+        section with a mem_map."""
+        lut = np.zeros(256, dtype=bool)
+        for c in self.classes:
+            lut[c] = True
+        result: npt.NDArray[np.bool_] = lut[classes] & ~poisoned & usable
+        return result

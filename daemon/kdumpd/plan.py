@@ -1,0 +1,265 @@
+"""The pipeline vmcore -> xlat -> mm -> extents, producing a frozen, JSON-serialisable Plan.
+
+This is the only module that sees the vmcore, the translator and the classifier together. It
+streams the struct page array one memory section at a time, so memory stays flat whatever the
+size of the crashed machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kdumpd.errors import LayoutError, TranslationError
+from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
+from kdumpd.mm.extents import ExtentBuilder
+from kdumpd.mm.memmap import MemSections, Section
+from kdumpd.mm.pagelayout import PageLayout
+from kdumpd.mm.policy import ReusePolicy
+from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
+from kdumpd.vmcore.core import Vmcore
+from kdumpd.xlat import Translator, make_translator
+
+__all__ = ["Plan", "make_plan", "read_extents_file", "write_extents_file"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What kdumpd may reuse, and why: the contract between planning and the block store."""
+
+    osrelease: str
+    arch: str
+    dump_level: int
+    extents: tuple[Extent, ...]
+    class_pages: dict[str, int]
+    categories: dict[str, int | None]
+    total_pages: int
+    features: dict[str, Any] = field(default_factory=dict)
+    withheld: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def reusable_pages(self) -> int:
+        return sum(e.npages for e in self.extents)
+
+    @property
+    def reusable_bytes(self) -> int:
+        return self.reusable_pages * PAGE_SIZE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "osrelease": self.osrelease,
+            "arch": self.arch,
+            "dump_level": self.dump_level,
+            "total_pages": self.total_pages,
+            "categories": self.categories,
+            "classes": self.class_pages,
+            "reusable_pages": self.reusable_pages,
+            "reusable_bytes": self.reusable_bytes,
+            "extents": len(self.extents),
+            "features": self.features,
+            "withheld": self.withheld,
+        }
+
+
+class _StructPageReader:
+    """Reads the struct pages of a pfn range through the translator, leaf by leaf."""
+
+    def __init__(self, vm: Vmcore, xlat: Translator, layout: PageLayout) -> None:
+        self.vm = vm
+        self.xlat = xlat
+        self.layout = layout
+
+    def read(self, section: Section, start_pfn: int, end_pfn: int) -> npt.NDArray[np.void]:
+        size = self.layout.size_page
+        vaddr = section.page_vaddr(start_pfn, size)
+        nbytes = (end_pfn - start_pfn) * size
+        pieces: list[tuple[int, int]] = []
+        done = 0
+        while done < nbytes:
+            try:
+                paddr, contiguous = self.xlat.translate_leaf(vaddr + done)
+            except TranslationError as exc:
+                raise TranslationError(
+                    f"struct pages of pfn {start_pfn:#x}..{end_pfn:#x} (section {section.nr}) "
+                    f"do not resolve: {exc}"
+                ) from None
+            take = min(contiguous, nbytes - done)
+            if pieces and pieces[-1][0] + pieces[-1][1] == paddr:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + take)
+            else:
+                pieces.append((paddr, take))
+            done += take
+        if len(pieces) == 1 and self.vm.phys.contains(*pieces[0]):
+            buf: bytes | memoryview = self.vm.phys.view(*pieces[0])
+        else:
+            buf = b"".join(self.vm.phys.read(p, n) for p, n in pieces)
+        pages = np.frombuffer(buf, dtype=self.layout.dtype).copy()
+        for p, n in pieces:
+            self.vm.phys.release(p, n)
+        return pages
+
+
+def _examined_spans(vm: Vmcore) -> list[tuple[int, int, int, int]]:
+    """(start_pfn, end_pfn, usable_start_pfn, usable_end_pfn) for each PT_LOAD RAM range.
+
+    A pfn is examined (as makedumpfile does) when its first byte is in a PT_LOAD; it is usable
+    for reuse only when the whole page is in the file.
+    """
+    return [
+        (
+            rng.start_paddr >> PAGE_SHIFT,
+            (rng.end_paddr + PAGE_SIZE - 1) >> PAGE_SHIFT,
+            (rng.start_paddr + PAGE_SIZE - 1) >> PAGE_SHIFT,
+            rng.end_paddr >> PAGE_SHIFT,
+        )
+        for rng in vm.phys.ranges
+    ]
+
+
+def make_plan(
+    vm: Vmcore,
+    dump_level: int = 31,
+    *,
+    count_zero: bool = False,
+    progress: Progress | None = None,
+) -> Plan:
+    """Classify every page of ``vm`` and derive the reusable extents for ``dump_level``."""
+    info = vm.info
+    layout = PageLayout.from_vmcoreinfo(info)
+    xlat = make_translator(vm.header.arch, info, vm.header.loads, vm.phys.read_u64)
+    five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
+    sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
+    policy = ReusePolicy.build(dump_level, layout)
+    classifier = Classifier(layout)
+    reader = _StructPageReader(vm, xlat, layout)
+    builder = ExtentBuilder()
+    counts: Counter[int] = Counter()
+    zero_pages = 0
+    spans = _examined_spans(vm)
+    total = sum(end - start for start, end, _, _ in spans)
+    done = 0
+    vmemmap = info.symbols.get("vmemmap")
+    for start, end, usable_start, usable_end in spans:
+        classifier.skip_to(start)
+        for section in sections.iter_sections(start, end):
+            a = max(start, section.start_pfn)
+            b = min(end, section.end_pfn)
+            npages = b - a
+            if not section.has_mem_map:
+                counts[PageClass.NO_MEMMAP] += npages
+                classifier.skip_to(b)
+                done += npages
+                continue
+            if vmemmap is not None and section.coded_mem_map != vmemmap:
+                raise LayoutError(
+                    f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
+                    f"SYMBOL(vmemmap)={vmemmap:#x}"
+                )
+            pages = reader.read(section, a, b)
+            examined = np.ones(npages, dtype=bool)
+            result = classifier.classify(a, pages, examined)
+            for lo, hi in result.retract:
+                builder.withdraw(lo, hi)
+            pfns = np.arange(a, b, dtype=np.int64)
+            usable = (pfns >= usable_start) & (pfns < usable_end) & section.usable
+            mask = policy.reusable_mask(result.classes, result.poisoned, usable)
+            builder.add_mask(a, mask)
+            binc = np.bincount(result.classes, minlength=len(PageClass))
+            for c, n in enumerate(binc.tolist()):
+                if n:
+                    counts[c] += n
+            if count_zero:
+                zero_pages += _count_zero(vm, a, b, result.classes)
+            done += npages
+            if progress is not None:
+                progress(done, total)
+    class_pages = {PageClass(c).name.lower(): n for c, n in sorted(counts.items())}
+    categories: dict[str, int | None] = {
+        name: sum(counts.get(c, 0) for c in members) for name, members in MDF_CATEGORIES.items()
+    }
+    categories["zero"] = zero_pages if count_zero else None
+    if count_zero and categories["remaining"] is not None:
+        categories["remaining"] = categories["remaining"] - zero_pages
+    features: dict[str, Any] = {
+        **layout.features(),
+        "paging_levels": 5 if five_level else 4,
+        "kaslr_offset": info.kerneloffset,
+        "sparsemem_extreme": sections.extreme,
+        "section_size_bits": sections.section_size_bits,
+        "vmemmap_symbol": vmemmap is not None,
+        "pt_loads": len(vm.header.loads),
+        "ram_ranges": len(vm.phys.ranges),
+    }
+    plan = Plan(
+        osrelease=info.osrelease,
+        arch=vm.header.arch,
+        dump_level=dump_level,
+        extents=tuple(builder.extents()),
+        class_pages=class_pages,
+        categories=categories,
+        total_pages=total,
+        features=features,
+        withheld=dict(policy.withheld),
+    )
+    log.info(
+        "planned %d reusable pages (%d MiB) in %d extents at dump level %d",
+        plan.reusable_pages, plan.reusable_bytes >> 20, len(plan.extents), dump_level,
+    )
+    return plan
+
+
+def xlat_read_u64(xlat: Translator, vm: Vmcore) -> Callable[[int], int]:
+    """A ``read_u64(vaddr)`` over the crashed kernel's virtual address space."""
+
+    def read(vaddr: int) -> int:
+        return vm.phys.read_u64(xlat.translate(vaddr))
+
+    return read
+
+
+def _count_zero(vm: Vmcore, start_pfn: int, end_pfn: int, classes: npt.NDArray[np.uint8]) -> int:
+    """Zero-filled pages among those the struct page rules keep (makedumpfile's bit 1)."""
+    keep = np.isin(classes, [PageClass.KERNEL, PageClass.SLAB, PageClass.TAIL])
+    zeros = 0
+    for i in np.nonzero(keep)[0].tolist():
+        paddr = (start_pfn + i) << PAGE_SHIFT
+        if not vm.phys.contains(paddr, PAGE_SIZE):
+            continue
+        page = np.frombuffer(vm.phys.view(paddr, PAGE_SIZE), dtype=np.uint64)
+        if not page.any():
+            zeros += 1
+    return zeros
+
+
+def write_extents_file(path: str, extents: tuple[Extent, ...] | list[Extent]) -> None:
+    """One ``start end`` pair per line, hex pfns, half-open, sorted and coalesced."""
+    with open(path, "w", encoding="ascii") as fh:
+        for ext in extents:
+            fh.write(f"{ext.start_pfn:#x} {ext.end_pfn:#x}\n")
+
+
+def read_extents_file(path: str) -> list[Extent]:
+    """Parse an extents file written by ``write_extents_file``; rejects unsorted input."""
+    out: list[Extent] = []
+    with open(path, encoding="ascii") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'start end'")
+            ext = Extent(int(parts[0], 16), int(parts[1], 16))
+            if out and ext.start_pfn <= out[-1].end_pfn:
+                raise ValueError(f"{path}:{lineno}: extents not sorted and coalesced")
+            out.append(ext)
+    return out
