@@ -181,8 +181,10 @@ def find_kernel(spec: str) -> Kernel:
             if (modules / "modules.dep").exists():
                 candidates.append(Kernel(release, image, modules))
     if not candidates:
-        raise MkVmcoreError(f"no installed kernel matches {spec!r} (need /boot/vmlinuz-* "
-                            "and /lib/modules/*/modules.dep)")
+        raise MkVmcoreError(
+            f"no installed kernel matches {spec!r} (need /boot/vmlinuz-* "
+            "and /lib/modules/*/modules.dep)"
+        )
     return max(candidates, key=lambda k: _release_key(k.release))
 
 
@@ -202,7 +204,9 @@ class Cpio:
         self._dirs: set[str] = set()
         self._ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         raw_name = name.encode() + b"\0"
         fields = (self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
         header = b"070701" + b"".join(b"%08X" % value for value in fields)
@@ -253,8 +257,7 @@ def resolve_modules(kernel: Kernel) -> list[tuple[Path, bool]]:
         path, _, rest = line.partition(":")
         deps[_module_name(path)] = (path, rest.split())
     builtin = {
-        _module_name(line)
-        for line in (kernel.modules / "modules.builtin").read_text().splitlines()
+        _module_name(line) for line in (kernel.modules / "modules.builtin").read_text().splitlines()
     }
     order: list[tuple[Path, bool]] = []
     seen: set[str] = set()
@@ -292,8 +295,7 @@ def read_module(path: Path) -> bytes:
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".zst":
-        return subprocess.run(["zstd", "-dc", str(path)], check=True,
-                              capture_output=True).stdout
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
     return data
 
 
@@ -506,8 +508,9 @@ def base_initramfs(cfg: Config, workload: Path) -> bytes:
         cpio.symlink(alias, "/bin")
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    applets = subprocess.run([str(busybox), "--list"], check=True, capture_output=True,
-                             text=True).stdout.split()
+    applets = subprocess.run(
+        [str(busybox), "--list"], check=True, capture_output=True, text=True
+    ).stdout.split()
     for applet in applets:
         if applet != "busybox":
             cpio.symlink(f"bin/{applet}", "busybox")
@@ -539,26 +542,54 @@ def payload_initramfs(cfg: Config, base: bytes) -> bytes:
 # disks
 
 
-def make_data_image(cfg: Config, workdir: Path) -> Path:
-    """ext4 image holding cache.bin, the source of all page-cache traffic.
+CACHE_SEED = 0x6B64756D
 
-    Every 4 KiB page starts with "KDUMPDPC" and its index, so no two pages
-    are equal and none is zero (which would make exclusion tests trivial).
+
+def _cache_block() -> bytes:
+    """The 1 MiB of seeded random bytes cache.bin repeats."""
+    return random.Random(CACHE_SEED).randbytes(MIB)
+
+
+def cache_page(index: int, block: bytes | None = None) -> bytes:
+    """Page `index` of cache.bin: the block's page with a unique 16-byte header.
+
+    Every page starts with "KDUMPDPC" and its index, so no two pages are
+    equal and none is zero (which would make exclusion tests trivial).
     """
+    block = _cache_block() if block is None else block
+    start = index % (MIB // 4096) * 4096
+    return b"KDUMPDPC" + struct.pack("<Q", index) + block[start + 16 : start + 4096]
+
+
+def make_data_image(cfg: Config, workdir: Path) -> Path:
+    """ext4 image holding cache.bin, the source of all page-cache traffic."""
     src = workdir / "data"
     src.mkdir()
-    block = bytearray(random.Random(0x6B64756D).randbytes(MIB))
+    block = _cache_block()
+    pages_per_mib = MIB // 4096
     with open(src / "cache.bin", "wb") as out:
         for mib in range(cfg.sizes.cache):
-            for page in range(MIB // 4096):
-                index = mib * (MIB // 4096) + page
-                block[page * 4096:page * 4096 + 16] = b"KDUMPDPC" + struct.pack("<Q", index)
-            out.write(block)
+            first = mib * pages_per_mib
+            out.write(b"".join(cache_page(first + i, block) for i in range(pages_per_mib)))
     s = cfg.sizes
     size_mib = (s.cache + s.written + s.dirty) * 11 // 10 + 64
     image = workdir / "data.ext4"
-    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "kdumpd", "-d", str(src),
-          str(image), f"{size_mib}M"], "mke2fs")
+    _run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "kdumpd",
+            "-d",
+            str(src),
+            str(image),
+            f"{size_mib}M",
+        ],
+        "mke2fs",
+    )
     shutil.rmtree(src)
     return image
 
@@ -595,17 +626,39 @@ class GuestRun:
 
 def qemu_command(cfg: Config, initrd: Path, disks: dict[str, Path]) -> list[str]:
     cmd = [
-        "qemu-system-x86_64", "-nodefaults", "-no-user-config",
-        "-accel", "tcg", "-cpu", "max", "-machine", "q35",
-        "-m", f"{cfg.ram_mib}M", "-smp", str(cfg.smp),
-        "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-        "-kernel", str(cfg.kernel.image), "-initrd", str(initrd),
-        "-append", cfg.first_cmdline(),
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-machine",
+        "q35",
+        "-m",
+        f"{cfg.ram_mib}M",
+        "-smp",
+        str(cfg.smp),
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(cfg.kernel.image),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cfg.first_cmdline(),
     ]
     for index, (serial, path) in enumerate(disks.items()):
         cmd += [
-            "-drive", f"if=none,id=d{index},file={path},format=raw,cache=unsafe",
-            "-device", f"virtio-blk-pci,drive=d{index},serial={serial}",
+            "-drive",
+            f"if=none,id=d{index},file={path},format=raw,cache=unsafe",
+            "-device",
+            f"virtio-blk-pci,drive=d{index},serial={serial}",
         ]
     return cmd
 
@@ -617,8 +670,9 @@ def run_guest(cmd: list[str], console: Path, timeout: float) -> GuestRun:
     """
     started = time.monotonic()
     marks: dict[str, tuple[float, str]] = {}
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     pending = b""
@@ -664,8 +718,9 @@ def check_run(run: GuestRun, timeout: float) -> None:
     last = max(run.marks, key=lambda m: run.marks[m][0]) if run.marks else "none"
     if run.timed_out:
         raise MkVmcoreError(f"qemu timeout after {timeout:.0f} s (last mark: {last})")
-    raise MkVmcoreError(f"qemu exited with {run.returncode} before the capture finished "
-                        f"(last mark: {last})")
+    raise MkVmcoreError(
+        f"qemu exited with {run.returncode} before the capture finished (last mark: {last})"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -694,15 +749,16 @@ def parse_vmcore(path: Path) -> tuple[int, dict[str, str]]:
         ehdr = f.read(64)
         if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
             raise MkVmcoreError(f"{path} is not an ELF64 core")
-        phoff, = struct.unpack_from("<Q", ehdr, 0x20)
+        (phoff,) = struct.unpack_from("<Q", ehdr, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", ehdr, 0x36)
         f.seek(phoff)
         table = f.read(phentsize * phnum)
         end = 0
         info: dict[str, str] = {}
         for i in range(phnum):
-            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table,
-                                                                     i * phentsize)
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+                "<IIQQQQ", table, i * phentsize
+            )
             end = max(end, p_offset + p_filesz)
             if p_type == 4:  # PT_NOTE
                 f.seek(p_offset)
@@ -718,8 +774,8 @@ def _vmcoreinfo(notes: bytes) -> dict[str, str]:
             break
         name_start = pos + 12
         desc_start = name_start + namesz + (-namesz % 4)
-        name = notes[name_start:name_start + namesz].rstrip(b"\0")
-        desc = notes[desc_start:desc_start + descsz]
+        name = notes[name_start : name_start + namesz].rstrip(b"\0")
+        desc = notes[desc_start : desc_start + descsz]
         if name == b"VMCOREINFO":
             text = desc.decode(errors="replace")
             return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
@@ -758,15 +814,31 @@ def check_paging(cfg: Config, info: dict[str, str]) -> list[str]:
     return warnings
 
 
-VMCOREINFO_KEYS = ("OSRELEASE", "PAGESIZE", "KERNELOFFSET", "NUMBER(pgtable_l5_enabled)",
-                   "NUMBER(phys_base)", "SYMBOL(_stext)")
+VMCOREINFO_KEYS = (
+    "OSRELEASE",
+    "PAGESIZE",
+    "KERNELOFFSET",
+    "NUMBER(pgtable_l5_enabled)",
+    "NUMBER(phys_base)",
+    "SYMBOL(_stext)",
+)
 
 
-def write_outputs(cfg: Config, run: GuestRun, first: dict[str, bytes], kdump: dict[str, bytes],
-                  vmcoreinfo: dict[str, str], warnings: list[str], kpageflags: bytes) -> None:
+def write_outputs(
+    cfg: Config,
+    run: GuestRun,
+    first: dict[str, bytes],
+    kdump: dict[str, bytes],
+    vmcoreinfo: dict[str, str],
+    warnings: list[str],
+    kpageflags: bytes,
+) -> None:
     out = cfg.out
     renames = {
-        "meminfo": first, "vmstat": first, "zoneinfo": first, "buddyinfo": first,
+        "meminfo": first,
+        "vmstat": first,
+        "zoneinfo": first,
+        "buddyinfo": first,
         "workload-pfns.txt": first,
     }
     for name, source in renames.items():
@@ -824,9 +896,22 @@ def _qemu_version() -> str:
 # main
 
 
-OUTPUT_FILES = ("vmcore", "meminfo", "vmstat", "zoneinfo", "buddyinfo", "workload-pfns.txt",
-                "iomem.old", "iomem.kdump", "cmdline", "cmdline.kdump", "meminfo.kdump",
-                "kpageflags", "info.json", "console.log")
+OUTPUT_FILES = (
+    "vmcore",
+    "meminfo",
+    "vmstat",
+    "zoneinfo",
+    "buddyinfo",
+    "workload-pfns.txt",
+    "iomem.old",
+    "iomem.kdump",
+    "cmdline",
+    "cmdline.kdump",
+    "meminfo.kdump",
+    "kpageflags",
+    "info.json",
+    "console.log",
+)
 
 
 def generate(cfg: Config) -> None:
@@ -854,8 +939,9 @@ def generate(cfg: Config) -> None:
         with open(disks[SERIAL_META], "rb") as f:
             f.seek(META_KPAGEFLAGS_OFFSET)
             kpageflags = f.read(kpf_size)
-        vmcoreinfo = finish_vmcore(disks[SERIAL_VMCORE], int(kdump["vmcore.copied"]),
-                                   cfg.out / "vmcore")
+        vmcoreinfo = finish_vmcore(
+            disks[SERIAL_VMCORE], int(kdump["vmcore.copied"]), cfg.out / "vmcore"
+        )
         warnings = check_paging(cfg, vmcoreinfo)
         write_outputs(cfg, run, first, kdump, vmcoreinfo, warnings, kpageflags)
 
@@ -866,17 +952,28 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--ram", type=int, default=1024, help="guest RAM in MiB")
     parser.add_argument("--crashkernel", default="256M")
     parser.add_argument("--nokaslr", action="store_true")
-    parser.add_argument("--4level", dest="four_level", action="store_true",
-                        help="boot with no5lvl (default: 5-level paging from -cpu max)")
+    parser.add_argument(
+        "--4level",
+        dest="four_level",
+        action="store_true",
+        help="boot with no5lvl (default: 5-level paging from -cpu max)",
+    )
     parser.add_argument("--smp", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="kill QEMU after this many seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="kill QEMU after this many seconds"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    return Config(kernel=find_kernel(args.kernel), ram_mib=args.ram,
-                  crashkernel=args.crashkernel, kaslr=not args.nokaslr,
-                  four_level=args.four_level, smp=args.smp, timeout=args.timeout,
-                  out=args.out.resolve())
+    return Config(
+        kernel=find_kernel(args.kernel),
+        ram_mib=args.ram,
+        crashkernel=args.crashkernel,
+        kaslr=not args.nokaslr,
+        four_level=args.four_level,
+        smp=args.smp,
+        timeout=args.timeout,
+        out=args.out.resolve(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -890,8 +987,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mkvmcore: console log: {console}", file=sys.stderr)
         return 1
     info = json.loads((cfg.out / "info.json").read_text())
-    print(f"mkvmcore: {cfg.out}/vmcore {info['vmcore_size']} bytes, "
-          f"timings {info['timings']}, console log: {cfg.out / 'console.log'}")
+    print(
+        f"mkvmcore: {cfg.out}/vmcore {info['vmcore_size']} bytes, "
+        f"timings {info['timings']}, console log: {cfg.out / 'console.log'}"
+    )
     for warning in info["warnings"]:
         print(f"mkvmcore: warning: {warning}", file=sys.stderr)
     return 0
