@@ -60,6 +60,9 @@ class X86_64Translator:
         self.kernel_image_size = info.numbers.get("KERNEL_IMAGE_SIZE", _DEFAULT_KERNEL_IMAGE_SIZE)
         self.root_paddr = self._kernel_image_pa(top)
         self.va_bits = 57 if self.five_level else 48
+        # The direct map covers RAM only: [page_offset, page_offset + end of RAM). Beyond that
+        # lie vmalloc and vmemmap, which must be walked (KASLR may place them anywhere above).
+        self.direct_map_bytes = max((s.p_paddr + s.p_memsz for s in loads), default=0)
         self.page_offset = self._learn_page_offset(loads)
 
     def _kernel_image_pa(self, vaddr: int) -> int:
@@ -82,10 +85,10 @@ class X86_64Translator:
     def translate_leaf(self, vaddr: int) -> tuple[int, int]:
         if START_KERNEL_MAP <= vaddr < START_KERNEL_MAP + self.kernel_image_size:
             return self._kernel_image_pa(vaddr), START_KERNEL_MAP + self.kernel_image_size - vaddr
-        if self.page_offset is not None and self.page_offset <= vaddr < START_KERNEL_MAP:
+        if self.page_offset is not None:
             paddr = vaddr - self.page_offset
-            if paddr < 1 << 52:
-                return paddr, (1 << 52) - paddr
+            if 0 <= paddr < self.direct_map_bytes:
+                return paddr, self.direct_map_bytes - paddr
         return self.walk(vaddr)
 
     def translate(self, vaddr: int) -> int:
