@@ -1,0 +1,558 @@
+"""The block store: N checksummed copies of every written 4 KiB block in old memory.
+
+Contract: a read returns the bytes last written, or zeros for a block never written (or
+trimmed), or raises :class:`~kdumpd.errors.IntegrityError`. It never returns other bytes.
+
+- **write**: checksum each block, take a free group for each new block (thin provisioning),
+  record group and checksum, then write every copy. Metadata is updated *before* the copies, so
+  a write that fails half-way leaves copies that fail their checksum, never stale ones that pass.
+  An all-zero block is stored as "unwritten" and frees its group.
+- **read**: read copy 0 (one backend read per physically contiguous run of blocks), verify
+  each block's checksum; on a mismatch read the other copies until one verifies, rewrite the
+  bad ones from it and read them back; if none verifies, the block is lost: IntegrityError.
+- **quarantine**: a slot whose repair does not stick, or that has failed ``quarantine_after``
+  times, is quarantined: the block moves to a fresh group (spares are reserved for this) and
+  the old group is never handed out again.
+- **trim / zero**: whole blocks give their group back and read as zeros; write-zeroes writes
+  zeros into partial blocks at the edges, trim leaves them alone (trim is advisory).
+
+Locking: one lock, held for each request. Everything the store does runs under the GIL (mmap
+copies and the checksum function do not release it), so finer locks could not let two
+requests run at once; they would only cost more per request. nbdkit's PARALLEL thread model is
+safe: requests overlap in nbdkit's C code (socket I/O) and queue only here. Measured in
+``bench/bench_store.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
+from kdumpd.oldmem.base import BytesLike, Guarded, OldMem
+from kdumpd.store.blocksum import (
+    ZERO_BLOCK,
+    ZERO_CHECKSUM,
+    BlockSums,
+    checksum,
+    default_block_sums,
+)
+from kdumpd.store.placement import Placement
+from kdumpd.store.slot import UNWRITTEN, SlotTable
+from kdumpd.units import PAGE_SHIFT, PAGE_SIZE
+
+__all__ = ["BLOCK_SIZE", "BlockCheck", "BlockStore", "StoreStats"]
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = PAGE_SIZE
+_SHIFT = PAGE_SHIFT
+_MASK = BLOCK_SIZE - 1
+_SCAN_CHUNK = 1 << 16  # blocks examined per lock hold when looking for written blocks
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counters since the store was opened, and the space figures now."""
+
+    reads: int  # read requests
+    writes: int  # write requests
+    trims: int
+    zeroes: int
+    blocks_read: int
+    blocks_written: int
+    corruptions_detected: int  # copies that failed their checksum (read or scrub)
+    repaired: int  # bad copies rewritten from a good one and read back correct
+    quarantined_slots: int  # slots taken out of service (their whole group is retired)
+    relocations: int  # blocks moved to a fresh group after a quarantine
+    lost_blocks: int  # blocks found with every copy bad (reads raise IntegrityError)
+    scrubbed_blocks: int  # blocks whose every copy was verified by verify_block
+    copies: int
+    size_bytes: int  # the device size (may exceed capacity: thin provisioning)
+    used_blocks: int  # blocks holding a group
+    capacity_bytes: int  # device bytes old memory can hold: groups - spares - retired
+    free_bytes: int  # device bytes still placeable: free old memory / copies, spares kept
+    metadata_bytes: int  # daemon memory for the tables
+
+
+class BlockCheck(enum.Enum):
+    """Outcome of :meth:`BlockStore.verify_block`."""
+
+    UNWRITTEN = "unwritten"
+    CLEAN = "clean"
+    REPAIRED = "repaired"
+    LOST = "lost"
+
+
+def _is_zero(blk: memoryview) -> bool:
+    # bytes == bytes is a memcmp; memoryview == bytes compares element by element (25x slower).
+    return blk.tobytes() == ZERO_BLOCK
+
+
+class _RateLimitedWarning:
+    # At most one WARNING per interval; the next one says how many were dropped.
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._dropped = 0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._dropped += 1
+            return
+        if self._dropped:
+            msg += " (%d similar messages dropped)"
+            args += (self._dropped,)
+            self._dropped = 0
+        self._next = now + self._interval
+        log.warning(msg, *args)
+
+
+class BlockStore:
+    """A thin-provisioned block device of ``size_bytes`` over old memory, ``copies`` deep.
+
+    ``backend`` is wrapped in :class:`~kdumpd.oldmem.base.Guarded` over the placement's
+    extents unless it is already guarded (then every placement extent must lie inside it).
+    """
+
+    def __init__(
+        self,
+        backend: OldMem,
+        placement: Placement,
+        *,
+        size_bytes: int,
+        copies: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        quarantine_after: int = 3,
+        spare_groups: int | None = None,
+        block_sums: BlockSums | None = None,
+    ) -> None:
+        if block_size != BLOCK_SIZE:
+            raise ConfigError(f"block size must be {BLOCK_SIZE} (swap's unit), not {block_size}")
+        if copies is not None and copies != placement.copies:
+            raise ConfigError(f"copies={copies} but the placement has {placement.copies}")
+        if size_bytes <= 0 or size_bytes & _MASK or size_bytes >> _SHIFT > UNWRITTEN:
+            raise ConfigError(f"device size {size_bytes} is not a positive multiple of 4096")
+        if quarantine_after < 1:
+            raise ConfigError(f"quarantine_after must be >= 1, not {quarantine_after}")
+        if isinstance(backend, Guarded):
+            for e in placement.extents:
+                if not backend.covers(e.start_paddr, e.end_paddr - e.start_paddr):
+                    raise RefusedError(
+                        f"store: placement extent [{e.start_paddr:#x}, {e.end_paddr:#x}) is "
+                        "outside the guard's extents (rule: old memory only inside the plan)"
+                    )
+            self._mem: Guarded = backend
+        else:
+            self._mem = Guarded(backend, placement.extents)
+        ngroups = placement.ngroups
+        if spare_groups is None:
+            spare_groups = max(1, min(1024, ngroups // 256)) if ngroups > 1 else 0
+        self._p = placement
+        self._n = placement.copies
+        self._sums = block_sums or default_block_sums()
+        self._t = SlotTable(size_bytes >> _SHIFT, ngroups, spare_groups=spare_groups)
+        self._quarantine_after = quarantine_after
+        self.size_bytes = size_bytes
+        self.nblocks = size_bytes >> _SHIFT
+        self._lock = threading.Lock()
+        self._check = memoryview(bytearray(BLOCK_SIZE))  # read-back after a repair
+        self._copybufs = [memoryview(bytearray(BLOCK_SIZE)) for _ in range(self._n)]
+        self._warn = _RateLimitedWarning()
+        self._reads = self._writes = self._trims = self._zeroes = 0
+        self._blocks_read = self._blocks_written = 0
+        self._corrupt = self._repaired = self._quarantined = self._relocations = 0
+        self._lost = self._scrubbed = 0
+        log.info("store: %d MiB device, %s, %d spare groups, metadata %d KiB, %s checksums",
+                 size_bytes >> 20, placement.describe(), spare_groups, self._t.nbytes() >> 10,
+                 self._sums.name)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def copies(self) -> int:
+        return self._n
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK_SIZE
+
+    @property
+    def placement(self) -> Placement:
+        return self._p
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """The ``nbytes`` at ``offset``; see :meth:`readinto` for the zero-copy form."""
+        buf = bytearray(nbytes)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` with the device bytes at ``offset``; IntegrityError if a block is lost."""
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        nbytes = mv.nbytes
+        self._check_range(offset, nbytes)
+        if nbytes == 0:
+            return
+        with self._lock:
+            self._reads += 1
+            if not (offset | nbytes) & _MASK:
+                self._read_blocks(offset >> _SHIFT, mv)
+                return
+            b0, b1 = offset >> _SHIFT, (offset + nbytes + _MASK) >> _SHIFT
+            tmp = memoryview(bytearray((b1 - b0) << _SHIFT))
+            self._read_blocks(b0, tmp)
+            start = offset - (b0 << _SHIFT)
+            mv[:] = tmp[start : start + nbytes]
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        """Write ``data`` at ``offset`` into every copy; partial blocks are read-modify-write
+        (IntegrityError if the rest of such a block is lost); ENOSPC if the pool is full."""
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        nbytes = mv.nbytes
+        self._check_range(offset, nbytes)
+        if nbytes == 0:
+            return
+        with self._lock:
+            self._writes += 1
+            if not (offset | nbytes) & _MASK:
+                self._write_blocks(offset >> _SHIFT, mv)
+            else:
+                self._write_unaligned(offset, mv)
+
+    def trim(self, offset: int, nbytes: int) -> None:
+        """Free the whole blocks inside the range (they read as zeros); partial blocks stay."""
+        self._check_range(offset, nbytes)
+        b0, b1 = (offset + _MASK) >> _SHIFT, (offset + nbytes) >> _SHIFT
+        with self._lock:
+            self._trims += 1
+            if b0 < b1:
+                self._free_blocks(b0, b1)
+
+    def zero(self, offset: int, nbytes: int) -> None:
+        """Make the range read as zeros: whole blocks are freed, partial ones get zeros."""
+        self._check_range(offset, nbytes)
+        end = offset + nbytes
+        b0, b1 = (offset + _MASK) >> _SHIFT, end >> _SHIFT
+        with self._lock:
+            self._zeroes += 1
+            if b0 >= b1:  # the range lies inside one block
+                if nbytes:
+                    self._write_unaligned(offset, memoryview(bytes(nbytes)))
+                return
+            if offset < b0 << _SHIFT:
+                self._write_unaligned(offset, memoryview(bytes((b0 << _SHIFT) - offset)))
+            if end > b1 << _SHIFT:
+                self._write_unaligned(b1 << _SHIFT, memoryview(bytes(end - (b1 << _SHIFT))))
+            self._free_blocks(b0, b1)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._mem.flush()
+
+    def verify_block(self, block: int) -> BlockCheck:
+        """Verify every copy of ``block`` and repair the bad ones (the scrubber's primitive).
+
+        Never raises for a lost block: it is counted and reported as ``LOST``.
+        """
+        if not 0 <= block < self.nblocks:
+            raise ValueError(f"block {block} outside the device (0..{self.nblocks - 1})")
+        with self._lock:
+            t = self._t
+            group = t.groups.item(block)
+            if group == UNWRITTEN:
+                return BlockCheck.UNWRITTEN
+            expected = t.checksums.item(block)
+            good: memoryview | None = None
+            bad: list[int] = []
+            for c in range(self._n):
+                buf = self._copybufs[c]
+                self._mem.preadinto(self._p.slot_paddr(c, group), buf)
+                if checksum(buf) == expected:
+                    if good is None:
+                        good = buf
+                else:
+                    bad.append(c)
+                    self._note_bad(block, c, group)
+            self._scrubbed += 1
+            if good is None:
+                self._mark_lost(block)
+                return BlockCheck.LOST
+            if not bad:
+                return BlockCheck.CLEAN
+            self._fix(block, group, bad, good, expected)
+            return BlockCheck.REPAIRED
+
+    def next_written(self, block: int) -> int | None:
+        """The first written block at or after ``block``, or None."""
+        groups = self._t.groups
+        while block < self.nblocks:
+            with self._lock:
+                nz = np.flatnonzero(groups[block : block + _SCAN_CHUNK] != UNWRITTEN)
+            if nz.size:
+                return block + int(nz[0])
+            block += _SCAN_CHUNK
+        return None
+
+    def locate(self, block: int) -> tuple[int, ...] | None:
+        """Physical addresses of the copies of ``block`` (copy 0 first); None if unwritten."""
+        with self._lock:
+            group = self._t.groups.item(block)
+            return None if group == UNWRITTEN else self._p.group_paddrs(group)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            t = self._t
+            capacity = self._p.ngroups - t.spare_groups - len(t.retired)
+            return StoreStats(
+                reads=self._reads,
+                writes=self._writes,
+                trims=self._trims,
+                zeroes=self._zeroes,
+                blocks_read=self._blocks_read,
+                blocks_written=self._blocks_written,
+                corruptions_detected=self._corrupt,
+                repaired=self._repaired,
+                quarantined_slots=self._quarantined,
+                relocations=self._relocations,
+                lost_blocks=self._lost,
+                scrubbed_blocks=self._scrubbed,
+                copies=self._n,
+                size_bytes=self.size_bytes,
+                used_blocks=t.used_blocks,
+                capacity_bytes=max(0, capacity) << _SHIFT,
+                free_bytes=t.usable_free_groups << _SHIFT,
+                metadata_bytes=t.nbytes(),
+            )
+
+    # -- internals; the lock is held -------------------------------------------------------
+
+    def _check_range(self, offset: int, nbytes: int) -> None:
+        # nbdkit bounds-checks requests before the plugin sees them; this catches callers that
+        # do not go through nbdkit.
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size_bytes:
+            raise ValueError(f"range {offset:#x}+{nbytes:#x} outside the {self.size_bytes:#x}-byte "
+                             "device")
+
+    def _read_blocks(self, b0: int, mv: memoryview) -> None:
+        # Fill mv (whole blocks from b0) from copy 0, verifying every block.
+        t, mem, p = self._t, self._mem, self._p
+        n = mv.nbytes >> _SHIFT
+        self._blocks_read += n
+        if n == 1:
+            group = t.groups.item(b0)
+            if group == UNWRITTEN:
+                mv[:] = ZERO_BLOCK
+                return
+            mem.preadinto(p.slot_paddr(0, group), mv)
+            if checksum(mv) != t.checksums.item(b0):
+                self._recover(b0, group, mv)
+            return
+        groups = t.groups[b0 : b0 + n].tolist()
+        i = 0
+        while i < n:
+            group = groups[i]
+            j = i + 1
+            if group == UNWRITTEN:
+                while j < n and groups[j] == UNWRITTEN:
+                    j += 1
+                mv[i << _SHIFT : j << _SHIFT] = bytes((j - i) << _SHIFT)
+                i = j
+                continue
+            while j < n and groups[j] == group + j - i:
+                j += 1
+            pos = i << _SHIFT
+            for paddr, npages in p.iter_runs(0, group, j - i):
+                end = pos + (npages << _SHIFT)
+                mem.preadinto(paddr, mv[pos:end])
+                pos = end
+            i = j
+        # Unwritten blocks hold zeros and carry the checksum of zeros: one batch checks all.
+        expected = t.checksums[b0 : b0 + n]
+        k = self._sums.first_bad(mv, expected)
+        while k < n:
+            self._recover(b0 + k, groups[k], mv[k << _SHIFT : (k + 1) << _SHIFT])
+            k += 1
+            k += self._sums.first_bad(mv[k << _SHIFT :], expected[k:])
+
+    def _write_unaligned(self, offset: int, mv: memoryview) -> None:
+        # Read-modify-write of the blocks the range touches; only edge blocks are read.
+        nbytes = mv.nbytes
+        b0, b1 = offset >> _SHIFT, (offset + nbytes + _MASK) >> _SHIFT
+        tmp = memoryview(bytearray((b1 - b0) << _SHIFT))
+        start = offset - (b0 << _SHIFT)
+        if start:
+            self._read_blocks(b0, tmp[:BLOCK_SIZE])
+        if (offset + nbytes) & _MASK and not (b1 - 1 == b0 and start):
+            self._read_blocks(b1 - 1, tmp[-BLOCK_SIZE:])
+        tmp[start : start + nbytes] = mv
+        self._write_blocks(b0, tmp)
+
+    def _write_blocks(self, b0: int, mv: memoryview) -> None:
+        # Write whole blocks from b0: metadata first, then every copy.
+        t, mem, p, ncopies = self._t, self._mem, self._p, self._n
+        n = mv.nbytes >> _SHIFT
+        self._blocks_written += n
+        if n == 1:
+            csum = checksum(mv)
+            if csum == ZERO_CHECKSUM and _is_zero(mv):
+                self._free_blocks(b0, b0 + 1)
+                return
+            group = t.groups.item(b0)
+            if group == UNWRITTEN:
+                group = t.allocate(1)[0]
+                t.groups[b0] = group
+                t.used_blocks += 1
+            t.checksums[b0] = csum
+            if t.lost:
+                t.lost.discard(b0)
+            for c in range(ncopies):
+                mem.pwrite(p.slot_paddr(c, group), mv)
+            return
+        sums = self._sums.checksums(mv)
+        groups = t.groups[b0 : b0 + n].tolist()
+        freed: list[int] = []
+        fresh: list[int] = []
+        for k in range(n):
+            if sums[k] == ZERO_CHECKSUM and _is_zero(mv[k << _SHIFT : (k + 1) << _SHIFT]):
+                if groups[k] != UNWRITTEN:
+                    freed.append(groups[k])
+                    groups[k] = UNWRITTEN
+            elif groups[k] == UNWRITTEN:
+                fresh.append(k)
+        if fresh:
+            for k, group in zip(fresh, t.allocate(len(fresh)), strict=True):
+                groups[k] = group
+        t.groups[b0 : b0 + n] = groups
+        t.checksums[b0 : b0 + n] = sums
+        t.used_blocks += len(fresh) - len(freed)
+        if freed:
+            t.release(freed)
+        if t.lost:
+            t.lost.difference_update(range(b0, b0 + n))
+        i = 0
+        while i < n:
+            group = groups[i]
+            j = i + 1
+            if group == UNWRITTEN:
+                i = j
+                continue
+            while j < n and groups[j] == group + j - i:
+                j += 1
+            for c in range(ncopies):
+                pos = i << _SHIFT
+                for paddr, npages in p.iter_runs(c, group, j - i):
+                    end = pos + (npages << _SHIFT)
+                    mem.pwrite(paddr, mv[pos:end])
+                    pos = end
+            i = j
+
+    def _free_blocks(self, b0: int, b1: int) -> None:
+        # Unmap whole blocks [b0, b1); their groups go back to be reused in the same order.
+        t = self._t
+        groups = t.groups[b0:b1]
+        written = groups != UNWRITTEN
+        if written.any():
+            freed = groups[written].tolist()
+            groups[written] = UNWRITTEN
+            t.checksums[b0:b1][written] = ZERO_CHECKSUM
+            t.used_blocks -= len(freed)
+            t.release(freed)
+        if t.lost:
+            t.lost.difference_update(range(b0, b1))
+
+    def _note_bad(self, block: int, copy: int, group: int) -> None:
+        self._corrupt += 1
+        slot = copy * self._p.ngroups + group
+        self._t.failures[slot] = self._t.failures.get(slot, 0) + 1
+        self._warn("store: block %d copy %d at %#x failed its checksum", block, copy,
+                   self._p.slot_paddr(copy, group))
+
+    def _mark_lost(self, block: int) -> None:
+        if block not in self._t.lost:
+            self._t.lost.add(block)
+            self._lost += 1
+            log.error("store: block %d (offset %#x) lost: all %d copies failed their checksum",
+                      block, block << _SHIFT, self._n)
+
+    def _recover(self, block: int, group: int, blk: memoryview) -> None:
+        # Copy 0 of block failed and sits in blk: fill blk from a good copy and repair, or
+        # raise IntegrityError if no copy is good.
+        expected = self._t.checksums.item(block)
+        self._note_bad(block, 0, group)
+        bad = [0]
+        for c in range(1, self._n):
+            self._mem.preadinto(self._p.slot_paddr(c, group), blk)
+            if checksum(blk) == expected:
+                self._fix(block, group, bad, blk, expected)
+                return
+            bad.append(c)
+            self._note_bad(block, c, group)
+        self._mark_lost(block)
+        raise IntegrityError(
+            f"block {block} (offset {block << _SHIFT:#x}): all {self._n} copies failed their "
+            "checksum"
+        )
+
+    def _fix(self, block: int, group: int, bad: list[int], good: memoryview, expected: int) -> None:
+        # Rewrite each bad copy from good and read it back; quarantine if it did not stick or
+        # the slot has failed too often.
+        move = False
+        for c in bad:
+            paddr = self._p.slot_paddr(c, group)
+            self._mem.pwrite(paddr, good)
+            self._mem.preadinto(paddr, self._check)
+            if checksum(self._check) == expected:
+                self._repaired += 1
+                slot = c * self._p.ngroups + group
+                if self._t.failures.get(slot, 0) >= self._quarantine_after:
+                    move = True
+            else:
+                move = True
+                log.warning("store: repair of block %d copy %d at %#x did not stick", block, c,
+                            paddr)
+        if move:
+            self._relocate(block, group, good, expected)
+
+    def _retire(self, group: int) -> None:
+        t, ngroups = self._t, self._p.ngroups
+        t.retire(group)
+        bad = sum(1 for c in range(self._n) if t.failures.get(c * ngroups + group))
+        self._quarantined += max(1, bad)
+
+    def _relocate(self, block: int, group: int, good: memoryview, expected: int) -> None:
+        # Move block to a fresh group (spares allowed), verified; retire the old group.
+        for _ in range(4):
+            try:
+                (new,) = self._t.allocate(1, use_spares=True)
+            except BackendError:
+                log.error("store: no spare group to move block %d off a failing slot", block)
+                return
+            ok = True
+            for c in range(self._n):
+                paddr = self._p.slot_paddr(c, new)
+                self._mem.pwrite(paddr, good)
+                self._mem.preadinto(paddr, self._check)
+                if checksum(self._check) != expected:
+                    ok = False
+                    self._note_bad(block, c, new)
+            if ok:
+                self._t.groups[block] = new
+                self._retire(group)
+                self._relocations += 1
+                log.warning("store: block %d moved from group %d to %d; old group quarantined",
+                            block, group, new)
+                return
+            self._retire(new)
+        log.error("store: could not move block %d to a group that holds data", block)
