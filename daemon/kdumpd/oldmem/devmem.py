@@ -206,6 +206,9 @@ class DevMem:
     def pwrite(self, paddr: int, data: BytesLike) -> None:
         src = memoryview(data).cast("B")
         pos, nbytes = 0, src.nbytes
+        if self._map.translate(paddr, nbytes) < 0:
+            for _ in self._map.iter_pieces(paddr, nbytes):  # raises on a hole, before writing
+                pass
         while pos < nbytes:
             mv, lo, hi = self._window(paddr + pos)
             take = min(nbytes - pos, hi - (paddr + pos))

@@ -121,7 +121,8 @@ class ImageOldMem:
 
     def _raw_write(self, paddr: int, data: memoryview) -> None:
         pos = 0
-        for o, n in self._map.iter_pieces(paddr, data.nbytes):
+        # Materialised first: a range with a hole raises before any byte is written.
+        for o, n in list(self._map.iter_pieces(paddr, data.nbytes)):
             self._mv[o : o + n] = data[pos : pos + n]
             pos += n
 

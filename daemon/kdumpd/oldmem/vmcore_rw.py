@@ -79,7 +79,8 @@ class VmcoreRW:
     def pwrite(self, paddr: int, data: BytesLike) -> None:
         src = memoryview(data).cast("B")
         pos = 0
-        for off, n in self._map.iter_pieces(paddr, src.nbytes):
+        # Materialised first: a range with a hole raises before any byte is written.
+        for off, n in list(self._map.iter_pieces(paddr, src.nbytes)):
             try:
                 got = os.pwrite(self._fd, src[pos : pos + n], off)
             except OSError as exc:
