@@ -1,0 +1,369 @@
+"""BlockStore: round trips, thin provisioning and honest capacity, verify-on-read with repair,
+lost blocks as IntegrityError, quarantine and relocation, and the guard underneath.
+
+Every test that touches data runs on both checksum kernels (pure Python and cffi), so the
+fallback the daemon may ship with is exercised as much as the fast path.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import threading
+
+import pytest
+
+from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
+from kdumpd.oldmem.base import Guarded
+from kdumpd.store.blockstore import BlockCheck, BlockStore
+from kdumpd.store.blocksum import PyBlockSums
+from kdumpd.store.placement import Placement
+from kdumpd.store.slot import BYTES_PER_BLOCK
+from kdumpd.units import PAGE_SIZE, Extent
+from tests.conftest import require
+from tests.unit.test_store_support import (
+    block_data,
+    cffi_block_sums,
+    good_copies,
+    make_image,
+    make_store,
+)
+
+BS = PAGE_SIZE
+
+
+@pytest.fixture(params=["python", "cffi"])
+def sums(request, tmp_path_factory):
+    if request.param == "python":
+        return PyBlockSums()
+    built = cffi_block_sums(tmp_path_factory)
+    require(built is not None, "cffi checksum kernels not buildable (gcc, libxxhash-dev)")
+    return built
+
+
+@pytest.fixture
+def store2(tmp_path, sums):
+    store, image = make_store(tmp_path, copies=2, sums=sums)
+    yield store, image
+    image.close()
+
+
+# -- data paths ----------------------------------------------------------------------------
+
+
+def test_round_trip_aligned_and_unaligned(store2) -> None:
+    store, _ = store2
+    data = block_data(1, 40)
+    store.write(0, data)
+    assert store.read(0, len(data)) == data
+    assert store.read(BS + 17, 3 * BS) == data[BS + 17 : 4 * BS + 17]
+    patch = b"\xee" * 5000
+    store.write(10 * BS - 100, patch)  # straddles blocks 9..11, partial at both ends
+    expect = bytearray(data)
+    expect[10 * BS - 100 : 10 * BS - 100 + len(patch)] = patch
+    assert store.read(0, len(data)) == expect
+    store.write(3, b"abc")  # inside one block
+    expect[3:6] = b"abc"
+    assert store.read(0, 64) == expect[:64]
+    buf = bytearray(2 * BS)
+    store.readinto(5 * BS, memoryview(buf))
+    assert buf == expect[5 * BS : 7 * BS]
+
+
+def test_unwritten_reads_zeros_and_uses_no_old_memory(store2) -> None:
+    store, _ = store2
+    free0 = store.stats().free_bytes
+    assert store.read(0, 256 * BS) == bytes(256 * BS)
+    store.write(7 * BS, block_data(2))
+    assert store.read(6 * BS, 3 * BS) == bytes(BS) + block_data(2) + bytes(BS)
+    st = store.stats()
+    assert st.used_blocks == 1 and st.free_bytes == free0 - BS
+    assert store.locate(6) is None and store.locate(7) is not None
+
+
+def test_zero_blocks_written_are_freed(store2) -> None:
+    store, _ = store2
+    store.write(0, block_data(3, 4))
+    store.write(BS, bytes(2 * BS))  # whole zero blocks: stored as holes
+    assert store.stats().used_blocks == 2
+    assert store.read(0, 4 * BS) == block_data(3) + bytes(2 * BS) + block_data(3, 4)[3 * BS :]
+    store.write(0, bytes(BS))  # single-block path too
+    assert store.stats().used_blocks == 1 and store.locate(0) is None
+
+
+def test_trim_frees_whole_blocks_only(store2) -> None:
+    store, _ = store2
+    data = block_data(4, 8)
+    store.write(0, data)
+    store.trim(BS + 1, 3 * BS)  # whole blocks 2 and 3; partial 1 and 4 stay
+    assert store.stats().used_blocks == 6
+    assert store.read(0, 8 * BS) == data[: 2 * BS] + bytes(2 * BS) + data[4 * BS :]
+    store.trim(0, 0)
+    assert store.stats().trims == 2
+
+
+def test_zero_writes_partial_edges_and_frees_the_middle(store2) -> None:
+    store, _ = store2
+    data = bytearray(block_data(5, 8))
+    store.write(0, data)
+    store.zero(BS + 100, 3 * BS)  # partial 1, whole 2 and 3, partial 4
+    data[BS + 100 : 4 * BS + 100] = bytes(3 * BS)
+    assert store.read(0, 8 * BS) == data
+    assert store.locate(2) is None and store.locate(3) is None and store.locate(1) is not None
+    store.zero(6 * BS + 5, 10)  # inside one block
+    data[6 * BS + 5 : 6 * BS + 15] = bytes(10)
+    assert store.read(0, 8 * BS) == data
+
+
+def test_groups_are_reused_in_order_after_trim(store2) -> None:
+    store, _ = store2
+    store.write(0, block_data(6, 16))
+    first = [store.locate(b)[0] for b in range(16)]
+    assert all(b - a == BS for a, b in zip(first, first[1:], strict=False))  # one run per copy
+    store.trim(0, 16 * BS)
+    store.write(32 * BS, block_data(7, 16))
+    assert [store.locate(32 + b)[0] for b in range(16)] == first
+
+
+def test_capacity_is_free_old_memory_over_copies(tmp_path) -> None:
+    for copies in (1, 2, 3):
+        (tmp_path / str(copies)).mkdir()
+        store, image = make_store(tmp_path / str(copies), copies=copies, pool_pages=3072,
+                                  nblocks=4096)
+        st = store.stats()
+        groups = 3072 // copies
+        spares = max(1, min(1024, groups // 256))
+        assert st.capacity_bytes == (groups - spares) * BS
+        assert st.free_bytes == st.capacity_bytes  # thin: nothing placed yet
+        assert st.size_bytes == 4096 * BS > st.capacity_bytes  # the device may exceed it
+        image.close()
+
+
+def test_full_pool_raises_enospc_and_writes_nothing(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, pool_pages=2048, nblocks=2048, sums=sums)
+    free_blocks = store.stats().free_bytes // BS
+    store.write(0, block_data(8, free_blocks - 2))
+    before = store.stats()
+    with pytest.raises(BackendError) as exc:
+        store.write((free_blocks - 2) * BS, block_data(9, 3))
+    assert exc.value.errno == errno.ENOSPC
+    after = store.stats()
+    assert after.used_blocks == before.used_blocks and after.free_bytes == 2 * BS
+    assert store.read((free_blocks - 2) * BS, 3 * BS) == bytes(3 * BS)
+    store.write((free_blocks - 2) * BS, block_data(9, 2))  # what fits still fits
+    image.close()
+
+
+def test_metadata_is_compact(store2) -> None:
+    store, _ = store2
+    st = store.stats()
+    assert BYTES_PER_BLOCK == 12
+    groups = store.placement.ngroups
+    assert st.metadata_bytes == 256 * BYTES_PER_BLOCK + groups * 4
+    assert BYTES_PER_BLOCK / BS < 0.01
+
+
+def test_config_errors(tmp_path) -> None:
+    image, extents = make_image(tmp_path, 2048)
+    p = Placement.from_extents(extents, 2)
+    with pytest.raises(ConfigError, match="block size"):
+        BlockStore(image, p, size_bytes=1 << 20, block_size=512)
+    with pytest.raises(ConfigError, match="copies"):
+        BlockStore(image, p, size_bytes=1 << 20, copies=3)
+    with pytest.raises(ConfigError, match="multiple"):
+        BlockStore(image, p, size_bytes=1000)
+    with pytest.raises(ValueError, match="outside"):
+        BlockStore(image, p, size_bytes=1 << 20).read((1 << 20) - 1, 2)
+    image.close()
+
+
+def test_guard_wraps_the_backend(tmp_path) -> None:
+    image, extents = make_image(tmp_path, 2048)
+    p = Placement.from_extents(extents, 2)
+    narrow = Guarded(image, extents[:1])  # a guard that grants less than the placement uses
+    with pytest.raises(RefusedError, match="outside the guard"):
+        BlockStore(narrow, p, size_bytes=1 << 20)
+    store = BlockStore(Guarded(image, extents), p, size_bytes=1 << 20)
+    store.write(0, block_data(10))
+    assert store.read(0, BS) == block_data(10)
+    image.close()
+
+
+# -- corruption, repair, loss --------------------------------------------------------------
+
+
+def test_corrupt_copy0_is_detected_repaired_and_counted(store2) -> None:
+    store, image = store2
+    data = block_data(11, 8)
+    store.write(0, data)
+    paddrs = store.locate(3)
+    image.flip_bits(paddrs[0], 1, rng=random.Random(0))
+    assert good_copies(store, image, 3, data[3 * BS : 4 * BS]) == [False, True]
+    assert store.read(0, 8 * BS) == data  # multi-block path
+    st = store.stats()
+    assert (st.corruptions_detected, st.repaired, st.lost_blocks) == (1, 1, 0)
+    assert good_copies(store, image, 3, data[3 * BS : 4 * BS]) == [True, True]
+    image.burst(store.locate(5)[0], BS, b"\0\1")
+    assert store.read(5 * BS, BS) == data[5 * BS : 6 * BS]  # single-block path
+    assert store.stats().repaired == 2
+
+
+def test_reads_use_copy0_and_scrub_repairs_the_rest(store2) -> None:
+    store, image = store2
+    store.write(0, block_data(12))
+    image.flip_bits(store.locate(0)[1], 3)
+    assert store.read(0, BS) == block_data(12)
+    assert store.stats().corruptions_detected == 0  # copy 1 was not read
+    assert store.verify_block(0) is BlockCheck.REPAIRED
+    assert store.verify_block(0) is BlockCheck.CLEAN
+    assert store.verify_block(1) is BlockCheck.UNWRITTEN
+    st = store.stats()
+    assert (st.corruptions_detected, st.repaired, st.scrubbed_blocks) == (1, 1, 2)
+
+
+def test_all_copies_bad_raises_integrity_error_never_data(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=3, sums=sums)
+    data = block_data(13, 4)
+    store.write(0, data)
+    for paddr in store.locate(2):
+        image.flip_bits(paddr, 1)
+    with pytest.raises(IntegrityError, match="block 2"):
+        store.read(0, 4 * BS)
+    with pytest.raises(IntegrityError):
+        store.read(2 * BS + 10, 10)
+    with pytest.raises(IntegrityError):
+        store.write(2 * BS + 1, b"x")  # read-modify-write needs the rest of the block
+    assert store.read(0, 2 * BS) == data[: 2 * BS]  # the neighbours are fine
+    st = store.stats()
+    assert st.lost_blocks == 1  # counted once
+    assert st.corruptions_detected == 3 * 3  # three reads, three bad copies each
+    assert store.verify_block(2) is BlockCheck.LOST
+    assert store.stats().lost_blocks == 1
+    store.write(2 * BS, block_data(14))  # a whole-block write brings it back
+    assert store.read(2 * BS, BS) == block_data(14)
+    for paddr in store.locate(2):
+        image.flip_bits(paddr, 1)
+    store.trim(2 * BS, BS)  # so does a trim: it reads as zeros
+    assert store.read(2 * BS, BS) == bytes(BS)
+    image.close()
+
+
+def test_single_copy_has_no_second_chance(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=1, sums=sums)
+    store.write(0, block_data(15))
+    image.flip_bits(store.locate(0)[0], 1)
+    with pytest.raises(IntegrityError):
+        store.read(0, BS)
+    assert store.stats().lost_blocks == 1
+    image.close()
+
+
+def test_slot_that_keeps_failing_is_quarantined_and_block_moved(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, sums=sums, quarantine_after=3)
+    data = block_data(16)
+    store.write(0, data)
+    old = store.locate(0)
+    cap0 = store.stats().capacity_bytes
+    for i in range(3):
+        image.flip_bits(old[0], 1)
+        assert store.read(0, BS) == data
+        assert store.stats().repaired == i + 1
+    new = store.locate(0)
+    assert new != old
+    st = store.stats()
+    assert (st.quarantined_slots, st.relocations) == (1, 1)
+    assert st.capacity_bytes == cap0 - BS  # the retired group is gone from the capacity
+    assert good_copies(store, image, 0, data) == [True, True]
+    store.trim(0, BS)
+    store.write(0, data)  # the retired group is never handed out again
+    assert store.locate(0)[0] != old[0]
+    image.close()
+
+
+def test_repair_that_does_not_stick_quarantines_at_once(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, sums=sums)
+    data = block_data(17, 2)
+    store.write(0, data)
+    bad = store.locate(1)[0]
+    image.lose_writes(bad, bad + BS)  # writes to that page vanish, like a stuck device
+    image.flip_bits(bad, 2)
+    assert store.read(0, 2 * BS) == data
+    st = store.stats()
+    assert (st.repaired, st.quarantined_slots, st.relocations) == (0, 1, 1)
+    assert store.locate(1)[0] != bad
+    assert good_copies(store, image, 1, data[BS:]) == [True, True]
+
+
+def test_relocation_skips_a_target_that_does_not_hold_data(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, sums=sums)
+    data = block_data(20)
+    store.write(0, data)
+    old = store.locate(0)
+    # Groups are handed out lowest first: the next free group is 1. Make it unwritable.
+    target = store.placement.slot_paddr(1, 1)
+    image.lose_writes(target, target + BS)
+    image.lose_writes(old[0], old[0] + BS)
+    image.flip_bits(old[0], 1)
+    assert store.read(0, BS) == data
+    st = store.stats()
+    assert (st.relocations, st.quarantined_slots) == (1, 2)
+    assert store.locate(0) == store.placement.group_paddrs(2)
+    store.write(BS, block_data(21, 4))  # neither retired group comes back
+    used = {store.locate(b)[0] for b in range(1, 5)}
+    assert used.isdisjoint({old[0], store.placement.slot_paddr(0, 1)})
+    assert good_copies(store, image, 0, data) == [True, True]
+
+
+def test_lost_write_on_one_copy_is_caught_on_read(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, sums=sums)
+    store.write(0, block_data(18))
+    slot = store.locate(0)[0]
+    image.lose_writes(slot, slot + BS)
+    store.write(0, block_data(19))  # copy 0 keeps the old bytes: stale, not new
+    assert good_copies(store, image, 0, block_data(19)) == [False, True]
+    assert store.read(0, BS) == block_data(19)
+    assert store.stats().relocations == 1
+
+
+def test_concurrent_readers_writers_and_scrub(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=2, pool_pages=8192, nblocks=1024, sums=sums)
+    errors: list[BaseException] = []
+
+    def worker(wid: int) -> None:
+        try:
+            rng = random.Random(wid)
+            base = wid * 256
+            model = {}
+            for i in range(300):
+                b = base + rng.randrange(256)
+                n = rng.randint(1, min(4, base + 256 - b))
+                if rng.random() < 0.5:
+                    store.write(b * BS, block_data(wid * 10000 + i, n))
+                    for k in range(n):
+                        model[b + k] = block_data(wid * 10000 + i, n)[k * BS : (k + 1) * BS]
+                else:
+                    got = store.read(b * BS, n * BS)
+                    for k in range(n):
+                        assert got[k * BS : (k + 1) * BS] == model.get(b + k, bytes(BS))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def scrubber(stop: threading.Event) -> None:
+        while not stop.is_set():
+            for b in range(0, 1024, 3):
+                store.verify_block(b)
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    scrub = threading.Thread(target=scrubber, args=(stop,))
+    scrub.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    scrub.join()
+    assert errors == []
+    st = store.stats()
+    assert st.corruptions_detected == 0 and st.lost_blocks == 0
+    image.close()
