@@ -221,6 +221,23 @@ def test_reads_use_copy0_and_scrub_repairs_the_rest(store2) -> None:
     assert (st.corruptions_detected, st.repaired, st.scrubbed_blocks) == (1, 1, 2)
 
 
+def test_every_bad_copy_is_repaired_from_the_last_good_one(tmp_path, sums) -> None:
+    store, image = make_store(tmp_path, copies=3, sums=sums)
+    data = block_data(22, 2)
+    store.write(0, data)
+    for copy in (0, 1):
+        image.flip_bits(store.locate(1)[copy], 4)
+    assert store.read(0, 2 * BS) == data  # copy 2 is the only good one
+    assert good_copies(store, image, 1, data[BS:]) == [True, True, True]
+    for copy in (1, 2):
+        image.burst(store.locate(0)[copy] + 8, 100)
+    assert store.verify_block(0) is BlockCheck.REPAIRED  # copy 0 good, 1 and 2 not
+    assert good_copies(store, image, 0, data[:BS]) == [True, True, True]
+    st = store.stats()
+    assert (st.corruptions_detected, st.repaired, st.lost_blocks) == (4, 4, 0)
+    image.close()
+
+
 def test_all_copies_bad_raises_integrity_error_never_data(tmp_path, sums) -> None:
     store, image = make_store(tmp_path, copies=3, sums=sums)
     data = block_data(13, 4)

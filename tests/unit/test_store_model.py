@@ -1,0 +1,269 @@
+"""Property test: the store against a bytearray model, with corruption injected into the image.
+
+Random writes, reads, trims and write-zeroes (aligned or not, 1 byte to 3 blocks) interleave
+with random faults: bit flips in one copy, DMA-like bursts anywhere in the pool, every copy of
+a block destroyed, and writes to a slot silently lost. The oracle is the image itself: a copy
+is good exactly when its raw bytes equal the model's bytes for its block. Then:
+
+- a read never returns bytes other than the model's;
+- it raises IntegrityError exactly when a block it touches has no good copy left;
+- a read that found copy 0 bad leaves it good again (repaired, or the block moved) and the
+  counters say so; after a scrub every block has all copies good or none;
+- used blocks are exactly the model's non-zero blocks (thin provisioning).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from kdumpd.errors import IntegrityError
+from kdumpd.store.blocksum import BlockSums, PyBlockSums
+from kdumpd.units import PAGE_SIZE
+from tests.conftest import require
+from tests.unit.test_store_support import cffi_block_sums, make_store
+
+BS = PAGE_SIZE
+NBLOCKS = 48
+SIZE = NBLOCKS * BS
+POOL_PAGES = 2048  # 8 MiB: room for 3 copies 2 MiB apart, and many relocations
+ZERO = bytes(BS)
+
+# No lambdas: hypothesis describes every drawn strategy, and a lambda's source is slow to find.
+OFFSETS = st.one_of(st.sampled_from(range(0, SIZE, BS)), st.integers(0, SIZE - 1))
+LENGTHS = st.one_of(st.sampled_from([BS, 2 * BS, 3 * BS]), st.integers(1, 3 * BS + 100))
+
+COUNTERS = ("reads", "writes", "corruptions_detected", "repaired", "quarantined_slots",
+            "relocations", "lost_blocks", "scrubbed_blocks")
+
+
+def make_machine(sums: BlockSums) -> type[RuleBasedStateMachine]:
+    class StoreModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tmp = tempfile.mkdtemp(prefix="kdumpd-model-")
+
+        @initialize(copies=st.integers(1, 3))
+        def setup(self, copies: int) -> None:
+            self.store, self.image = make_store(Path(self.tmp), copies=copies,
+                                                pool_pages=POOL_PAGES, nblocks=NBLOCKS, sums=sums)
+            self.copies = copies
+            self.model = bytearray(SIZE)
+            self.prev = self.store.stats()
+
+        def teardown(self) -> None:
+            if hasattr(self, "image"):
+                self.image.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+        # -- the oracle ------------------------------------------------------------------
+
+        def expected(self, block: int) -> bytes:
+            return bytes(self.model[block * BS : (block + 1) * BS])
+
+        def good(self, block: int) -> list[bool] | None:
+            paddrs = self.store.locate(block)
+            if paddrs is None:
+                return None
+            want = self.expected(block)
+            return [self.image.pread(p, BS) == want for p in paddrs]
+
+        def is_lost(self, block: int) -> bool:
+            good = self.good(block)
+            return good is not None and not any(good)
+
+        def written(self) -> list[int]:
+            return [b for b in range(NBLOCKS) if self.store.locate(b) is not None]
+
+        @staticmethod
+        def draw_range(data: st.DataObject) -> tuple[int, int]:
+            offset = data.draw(OFFSETS, label="offset")
+            return offset, min(data.draw(LENGTHS, label="nbytes"), SIZE - offset)
+
+        def edges(self, offset: int, nbytes: int) -> set[int]:
+            # Blocks a read-modify-write of [offset, offset + nbytes) must read first.
+            out = set()
+            if offset % BS:
+                out.add(offset // BS)
+            if (offset + nbytes) % BS:
+                out.add((offset + nbytes) // BS)
+            return out
+
+        def rmw(self, offset: int, data: bytes) -> None:
+            # One read-modify-write as the store does it: all or nothing.
+            if any(self.is_lost(b) for b in self.edges(offset, len(data))):
+                with pytest.raises(IntegrityError):
+                    self.store.write(offset, data)
+                raise _Refused
+            self.store.write(offset, data)
+            self.model[offset : offset + len(data)] = data
+
+        # -- I/O ---------------------------------------------------------------------------
+
+        @rule(data=st.data(), kind=st.sampled_from(["random", "zeros", "pattern"]))
+        def write(self, data: st.DataObject, kind: str) -> None:
+            offset, nbytes = self.draw_range(data)
+            seed = data.draw(st.integers(0, 1 << 30), label="seed")
+            payload = {"random": lambda: random.Random(seed).randbytes(nbytes),
+                       "zeros": lambda: bytes(nbytes),
+                       "pattern": lambda: bytes([seed & 0xFF]) * nbytes}[kind]()
+            try:
+                self.rmw(offset, payload)
+            except _Refused:
+                pass
+
+        @rule(data=st.data())
+        def read(self, data: st.DataObject) -> None:
+            self.check_read(*self.draw_range(data))
+
+        @rule(data=st.data())
+        def read_written_block(self, data: st.DataObject) -> None:
+            written = self.written()  # aims reads where the faults are
+            if written:
+                self.check_read(data.draw(st.sampled_from(written), label="block") * BS, BS)
+
+        def check_read(self, offset: int, nbytes: int) -> None:
+            blocks = range(offset // BS, (offset + nbytes - 1) // BS + 1)
+            lost = [b for b in blocks if self.is_lost(b)]
+            bad0 = [b for b in blocks if (g := self.good(b)) is not None and not g[0] and any(g)]
+            before = self.store.stats()
+            if lost:
+                with pytest.raises(IntegrityError):
+                    self.store.read(offset, nbytes)
+                return
+            assert self.store.read(offset, nbytes) == self.model[offset : offset + nbytes]
+            after = self.store.stats()
+            for b in bad0:
+                assert self.good(b)[0], f"block {b}: copy 0 was not repaired"
+            fixed = (after.repaired - before.repaired) + (after.relocations - before.relocations)
+            assert after.corruptions_detected - before.corruptions_detected >= len(bad0)
+            assert fixed >= len(bad0)
+
+        @rule(data=st.data())
+        def trim(self, data: st.DataObject) -> None:
+            offset, nbytes = self.draw_range(data)
+            self.store.trim(offset, nbytes)
+            b0, b1 = -(-offset // BS), (offset + nbytes) // BS
+            self.model[b0 * BS : max(b0, b1) * BS] = bytes(max(0, b1 - b0) * BS)
+
+        @rule(data=st.data())
+        def zero(self, data: st.DataObject) -> None:
+            offset, nbytes = self.draw_range(data)
+            end = offset + nbytes
+            b0, b1 = -(-offset // BS), end // BS
+            edges = self.edges(offset, nbytes)
+            if b0 >= b1:
+                if any(self.is_lost(b) for b in edges):
+                    with pytest.raises(IntegrityError):
+                        self.store.zero(offset, nbytes)
+                    return
+                self.store.zero(offset, nbytes)
+                self.model[offset:end] = bytes(nbytes)
+                return
+            head_lost = offset % BS and self.is_lost(offset // BS)
+            tail_lost = end % BS and self.is_lost(end // BS)
+            if head_lost or tail_lost:
+                with pytest.raises(IntegrityError):
+                    self.store.zero(offset, nbytes)
+                if not head_lost and offset % BS:  # the head went through before the tail
+                    self.model[offset : b0 * BS] = bytes(b0 * BS - offset)
+                return
+            self.store.zero(offset, nbytes)
+            self.model[offset:end] = bytes(nbytes)
+
+        @rule()
+        def scrub(self) -> None:
+            for b in range(NBLOCKS):
+                self.store.verify_block(b)
+            for b in range(NBLOCKS):
+                good = self.good(b)
+                assert good is None or all(good) or not any(good), (b, good)
+
+        # -- faults: straight into the image, as a device would -------------------------
+
+        @rule(data=st.data(), nbits=st.integers(1, 8))
+        def flip(self, data: st.DataObject, nbits: int) -> None:
+            written = self.written()
+            if written:
+                block = data.draw(st.sampled_from(written), label="block")
+                copy = data.draw(st.integers(0, self.copies - 1), label="copy")
+                self.image.flip_bits(self.store.locate(block)[copy], nbits,
+                                     rng=random.Random(data.draw(st.integers(0, 99))))
+
+        @rule(data=st.data(), nbytes=st.integers(1, 64 << 10), seed=st.integers(0, 1 << 20))
+        def burst(self, data: st.DataObject, nbytes: int, seed: int) -> None:
+            ext = data.draw(st.sampled_from(self.store.placement.extents), label="extent")
+            paddr = data.draw(st.integers(ext.start_paddr, ext.end_paddr - 1), label="at")
+            pattern = None if seed % 3 else bytes([seed & 0xFF, 0])
+            self.image.burst(paddr, min(nbytes, ext.end_paddr - paddr), pattern,
+                             rng=random.Random(seed))
+
+        @rule(data=st.data())
+        def destroy_every_copy(self, data: st.DataObject) -> None:
+            written = self.written()
+            if written:
+                block = data.draw(st.sampled_from(written), label="block")
+                for paddr in self.store.locate(block):
+                    self.image.flip_bits(paddr, 1)
+
+        @rule(data=st.data())
+        def lose_writes(self, data: st.DataObject) -> None:
+            written = self.written()
+            if written:
+                block = data.draw(st.sampled_from(written), label="block")
+                copy = data.draw(st.integers(0, self.copies - 1), label="copy")
+                paddr = self.store.locate(block)[copy]
+                self.image.lose_writes(paddr, paddr + BS)
+
+        @rule()
+        def stop_losing_writes(self) -> None:
+            self.image.clear_faults()
+
+        # -- invariants ------------------------------------------------------------------
+
+        @invariant()
+        def counters_only_grow_and_space_is_thin(self) -> None:
+            if not hasattr(self, "store"):
+                return
+            now = self.store.stats()
+            for name in COUNTERS:
+                assert getattr(now, name) >= getattr(self.prev, name), name
+            self.prev = now
+            nonzero = sum(1 for b in range(NBLOCKS) if self.expected(b) != ZERO)
+            assert now.used_blocks == nonzero == len(self.written())
+
+    return StoreModel
+
+
+class _Refused(Exception):
+    """The store refused a read-modify-write (IntegrityError), as the model expected."""
+
+
+@pytest.fixture(params=["python", "cffi"])
+def sums(request, tmp_path_factory):
+    if request.param == "python":
+        return PyBlockSums()
+    built = cffi_block_sums(tmp_path_factory)
+    require(built is not None, "cffi checksum kernels not buildable (gcc, libxxhash-dev)")
+    return built
+
+
+def test_store_matches_model_under_corruption(sums) -> None:
+    run_state_machine_as_test(
+        make_machine(sums),
+        settings=settings(max_examples=120, stateful_step_count=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow]),
+    )
