@@ -129,7 +129,8 @@ def test_copies_out_of_range(copies) -> None:
 
 def test_larger_minimum_distance_can_be_required() -> None:
     ext = [Extent(0, 8192)]  # 32 MiB
-    assert Placement.from_extents(ext, 2, min_distance_bytes=16 << 20).min_distance_bytes == 16 << 20
+    p = Placement.from_extents(ext, 2, min_distance_bytes=16 << 20)
+    assert p.min_distance_bytes == 16 << 20
     with pytest.raises(RefusedError):
         Placement.from_extents(ext, 2, min_distance_bytes=17 << 20)
 

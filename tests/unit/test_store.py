@@ -12,14 +12,6 @@ import random
 import threading
 
 import pytest
-
-from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
-from kdumpd.oldmem.base import Guarded
-from kdumpd.store.blockstore import BlockCheck, BlockStore
-from kdumpd.store.blocksum import PyBlockSums
-from kdumpd.store.placement import Placement
-from kdumpd.store.slot import BYTES_PER_BLOCK
-from kdumpd.units import PAGE_SIZE, Extent
 from tests.conftest import require
 from tests.unit.test_store_support import (
     block_data,
@@ -28,6 +20,14 @@ from tests.unit.test_store_support import (
     make_image,
     make_store,
 )
+
+from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
+from kdumpd.oldmem.base import Guarded
+from kdumpd.store.blockstore import BlockCheck, BlockStore
+from kdumpd.store.blocksum import PyBlockSums
+from kdumpd.store.placement import Placement
+from kdumpd.store.slot import BYTES_PER_BLOCK
+from kdumpd.units import PAGE_SIZE
 
 BS = PAGE_SIZE
 

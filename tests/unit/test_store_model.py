@@ -29,12 +29,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from tests.conftest import require
+from tests.unit.test_store_support import cffi_block_sums, make_store
 
 from kdumpd.errors import IntegrityError
 from kdumpd.store.blocksum import BlockSums, PyBlockSums
 from kdumpd.units import PAGE_SIZE
-from tests.conftest import require
-from tests.unit.test_store_support import cffi_block_sums, make_store
 
 BS = PAGE_SIZE
 NBLOCKS = 48

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from kdumpd.oldmem.image import ImageOldMem
-from kdumpd.store.blocksum import BlockSums, PyBlockSums, load_cffi
 from kdumpd.store.blockstore import BlockStore
+from kdumpd.store.blocksum import BlockSums, PyBlockSums, load_cffi
 from kdumpd.store.placement import Placement
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent, PhysRange
 

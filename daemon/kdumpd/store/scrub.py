@@ -61,19 +61,16 @@ class Scrubber:
         self._thread: threading.Thread | None = None
 
     def step(self, max_bytes: int) -> int:
-        """Verify blocks from the cursor until ``max_bytes`` of copies would be exceeded (at
-        least one block if ``max_bytes`` covers one); return the bytes read."""
+        """Verify blocks from the cursor until ``max_bytes`` of copies would be exceeded, or
+        the sweep reaches the end (the cursor then wraps and the pass is counted); return the
+        bytes read. From a fresh scrubber, ``step(huge)`` is exactly one full pass."""
         used = 0
-        wrapped = False
         while used + self._per_block <= max_bytes:
             block = self._store.next_written(self._cursor)
             if block is None:
-                if self._cursor == 0 or wrapped:
-                    break  # nothing written at all
                 self._cursor = 0
                 self._passes += 1
-                wrapped = True
-                continue
+                break
             self._cursor = block + 1
             result = self._store.verify_block(block)
             if result is BlockCheck.UNWRITTEN:
