@@ -139,7 +139,9 @@ class Machine:
         self.init_top_pgt_va = START_KERNEL_MAP + (self.pt.root - self.phys_base)
 
     def set_section(self, nr: int, flags: int) -> None:
-        self.mem.write_u64(self.sections_paddr + 16 * nr, self.vmemmap | flags)
+        size = int(self.info["SIZE(mem_section)"])
+        offset = int(self.info["OFFSET(mem_section.section_mem_map)"])
+        self.mem.write_u64(self.sections_paddr + size * nr + offset, self.vmemmap | flags)
 
     def struct_page(self, pfn: int) -> int:
         return self.memmap_paddr + pfn * self.size_page

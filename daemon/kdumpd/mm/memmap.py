@@ -109,7 +109,10 @@ class MemSections:
         return self._root_cache[root_nr]
 
     def section(self, nr: int) -> Section:
-        """Section ``nr``; a missing root or unreadable entry is an absent section."""
+        """Section ``nr``; a NULL root is an absent section.
+
+        A root or entry that does not translate means the page tables or mem_section are
+        corrupt: that raises, rather than quietly reading as "no memory here"."""
         start = nr << self.pfn_section_shift
         end = start + self.pages_per_section
         if not 0 <= nr < self.nr_mem_sections:
@@ -123,8 +126,8 @@ class MemSections:
             else:
                 ms = self.root_vaddr + nr * self.size_mem_section
             raw = self._read(ms + self.off_map)
-        except TranslationError:
-            return Section(nr, start, end, 0)
+        except TranslationError as exc:
+            raise TranslationError(f"mem_section[{nr}] unreadable: {exc}") from None
         return Section(nr, start, end, raw)
 
     def iter_sections(self, start_pfn: int, end_pfn: int) -> Iterator[Section]:

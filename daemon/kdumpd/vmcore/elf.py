@@ -135,8 +135,11 @@ def read_core_header(stream: BinaryIO, file_size: int | None = None) -> CoreHead
         machine = elf["e_machine"]
         e_machine = elf.header.e_machine
         arch = _ARCH_NAMES.get(_machine_number(machine, e_machine), str(machine))
-        if elf.num_segments() > MAX_PHNUM:
+        phnum = elf.num_segments()
+        if phnum > MAX_PHNUM:
             raise VmcoreError("ELF header claims too many program headers")
+        if elf["e_phentsize"] != 56 or elf["e_phoff"] + 56 * phnum > file_size:
+            raise VmcoreError("ELF program headers lie outside the file (corrupt or truncated)")
         loads: list[LoadSegment] = []
         note_blobs: list[bytes] = []
         for seg in elf.iter_segments():
@@ -155,7 +158,7 @@ def read_core_header(stream: BinaryIO, file_size: int | None = None) -> CoreHead
                     raise VmcoreError("PT_NOTE lies beyond the end of the file (truncated?)")
                 stream.seek(seg["p_offset"])
                 note_blobs.append(stream.read(seg["p_filesz"]))
-    except (ELFError, struct.error, ValueError, KeyError, io.UnsupportedOperation) as exc:
+    except (ELFError, struct.error, ValueError, KeyError, OSError, io.UnsupportedOperation) as exc:
         raise VmcoreError(f"corrupt ELF header: {exc}") from exc
     except EOFError as exc:
         raise VmcoreError("ELF header is truncated") from exc
