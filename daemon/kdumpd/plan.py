@@ -78,6 +78,7 @@ class _StructPageReader:
         self.vm = vm
         self.xlat = xlat
         self.layout = layout
+        self._buf = bytearray()
 
     def read(self, section: Section, start_pfn: int, end_pfn: int) -> npt.NDArray[np.void]:
         size = self.layout.size_page
@@ -99,13 +100,19 @@ class _StructPageReader:
             else:
                 pieces.append((paddr, take))
             done += take
-        if len(pieces) == 1 and self.vm.phys.contains(*pieces[0]):
-            buf: bytes | memoryview = self.vm.phys.view(*pieces[0])
-        else:
-            buf = b"".join(self.vm.phys.read(p, n) for p, n in pieces)
-        pages = np.frombuffer(buf, dtype=self.layout.dtype).copy()
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(nbytes)
+        view = memoryview(self._buf)[:nbytes]
+        filled = 0
         for p, n in pieces:
-            self.vm.phys.release(p, n)
+            if self.vm.phys.contains(p, n):
+                self.vm.phys.readinto(p, view[filled : filled + n])
+            else:
+                view[filled : filled + n] = self.vm.phys.read(p, n)
+            filled += n
+        # A view of the reused buffer, valid until the next read: the classifier derives new
+        # arrays from it and keeps nothing (copying a structured dtype is slow in numpy).
+        pages = np.frombuffer(view, dtype=self.layout.dtype)
         return pages
 
 

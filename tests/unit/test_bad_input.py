@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.synth.builder import Machine, template
 
 from kdumpd.cli import main
 from kdumpd.errors import KdumpdError, LayoutError, TranslationError, VmcoreError
 from kdumpd.plan import make_plan
 from kdumpd.vmcore.core import open_vmcore
-from tests.synth.builder import Machine, template
 
 
 @pytest.fixture(scope="module")

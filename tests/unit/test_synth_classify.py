@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.synth.builder import Machine, template
 
 from kdumpd.mm.classify import PageClass
 from kdumpd.plan import Plan, make_plan
 from kdumpd.vmcore.core import open_vmcore
-from tests.synth.builder import Machine, template
 
 KERNELS = ["6.1", "6.12"]
 

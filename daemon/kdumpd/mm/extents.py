@@ -16,7 +16,8 @@ def mask_runs(start_pfn: int, mask: npt.NDArray[np.bool_]) -> list[tuple[int, in
         return []
     padded = np.concatenate(([False], mask, [False])).astype(np.int8)
     edges = np.nonzero(np.diff(padded))[0]
-    return [(start_pfn + int(a), start_pfn + int(b)) for a, b in zip(edges[0::2], edges[1::2])]
+    starts, ends = edges[0::2], edges[1::2]
+    return [(start_pfn + int(a), start_pfn + int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
 class ExtentBuilder:

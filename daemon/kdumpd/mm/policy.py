@@ -58,7 +58,8 @@ class ReusePolicy:
     def build(cls, dump_level: int, layout: PageLayout) -> ReusePolicy:
         classes = excluded_classes(dump_level)
         withheld: dict[str, str] = {}
-        if layout.order_source == OrderSource.FLAGS1_PG_HUGETLB and PageClass.USER_HUGETLB in classes:
+        untrusted_hugetlb = layout.order_source == OrderSource.FLAGS1_PG_HUGETLB
+        if untrusted_hugetlb and PageClass.USER_HUGETLB in classes:
             # makedumpfile issue #21: on 6.6..6.8 PG_hugetlb is set in folio._flags_1 of kernel
             # compound pages that are not hugetlb (the IDT); trust no page that is "user" only
             # because of that bit.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import struct
 from collections.abc import Sequence
 
@@ -24,8 +25,14 @@ _U32 = struct.Struct("<I")
 class PhysMem:
     """Physical-address reads over a mapped vmcore (or any buffer laid out like one)."""
 
-    def __init__(self, buf: mmap.mmap | bytes | bytearray, ranges: Sequence[PhysRange]) -> None:
+    def __init__(
+        self,
+        buf: mmap.mmap | bytes | bytearray,
+        ranges: Sequence[PhysRange],
+        fileno: int | None = None,
+    ) -> None:
         self._buf = buf
+        self._fd = fileno
         self._view = memoryview(buf)
         self.ranges: tuple[PhysRange, ...] = tuple(sorted(ranges))
         self._starts = [r.start_paddr for r in self.ranges]
@@ -33,12 +40,15 @@ class PhysMem:
     @classmethod
     def open(cls, fileno: int, file_size: int, ranges: Sequence[PhysRange]) -> PhysMem:
         mm = mmap.mmap(fileno, file_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        return cls(mm, ranges)
+        return cls(mm, ranges, os.dup(fileno))
 
     def close(self) -> None:
         self._view.release()
         if isinstance(self._buf, mmap.mmap):
             self._buf.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def range_of(self, paddr: int) -> PhysRange | None:
         idx = bisect.bisect_right(self._starts, paddr) - 1
@@ -85,6 +95,20 @@ class PhysMem:
             paddr += take
             nbytes -= take
         return bytes(out)
+
+    def readinto(self, paddr: int, out: memoryview) -> None:
+        """Fill ``out`` from ``paddr`` (within one PT_LOAD) with one pread.
+
+        Bulk reads (struct page arrays) go through pread into a reused buffer rather than the
+        mapping: one copy instead of hundreds of page faults, and nothing stays mapped in RSS.
+        """
+        offset = self.offset_of(paddr, len(out))
+        if self._fd is None:
+            out[:] = self._view[offset : offset + len(out)]
+            return
+        got = os.preadv(self._fd, [out], offset)
+        if got != len(out):
+            raise TranslationError(f"short read of {len(out)} bytes at physical {paddr:#x}")
 
     def release(self, paddr: int, nbytes: int) -> None:
         """Drop mapped pages from our RSS once a chunk is done (keeps memory flat on big hosts)."""
