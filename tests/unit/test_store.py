@@ -26,7 +26,7 @@ from kdumpd.oldmem.base import Guarded
 from kdumpd.store.blockstore import BlockCheck, BlockStore
 from kdumpd.store.blocksum import PyBlockSums
 from kdumpd.store.placement import Placement
-from kdumpd.store.slot import BYTES_PER_BLOCK
+from kdumpd.store.slot import BYTES_PER_BLOCK, SlotTable
 from kdumpd.units import PAGE_SIZE
 
 BS = PAGE_SIZE
@@ -156,11 +156,12 @@ def test_full_pool_raises_enospc_and_writes_nothing(tmp_path, sums) -> None:
 
 def test_metadata_is_compact(store2) -> None:
     store, _ = store2
-    st = store.stats()
-    assert BYTES_PER_BLOCK == 12
-    groups = store.placement.ngroups
-    assert st.metadata_bytes == 256 * BYTES_PER_BLOCK + groups * 4
-    assert BYTES_PER_BLOCK / BS < 0.01
+    assert BYTES_PER_BLOCK == 12 and BYTES_PER_BLOCK / BS < 0.003
+    assert store.stats().metadata_bytes == 256 * BYTES_PER_BLOCK  # nothing per pool group
+    store.write(0, block_data(23, 100))
+    assert store.stats().metadata_bytes == 256 * BYTES_PER_BLOCK
+    store.trim(0, 40 * BS)  # freed groups are remembered: 4 bytes each
+    assert store.stats().metadata_bytes == 256 * BYTES_PER_BLOCK + 40 * 4
 
 
 def test_config_errors(tmp_path) -> None:
@@ -384,3 +385,17 @@ def test_concurrent_readers_writers_and_scrub(tmp_path, sums) -> None:
     st = store.stats()
     assert st.corruptions_detected == 0 and st.lost_blocks == 0
     image.close()
+
+
+def test_slot_table_hands_out_freed_groups_first_then_fresh() -> None:
+    t = SlotTable(8, 10, spare_groups=2)
+    assert t.allocate(3) == [0, 1, 2]
+    t.release([1, 2])
+    assert t.free_groups == 9 and t.usable_free_groups == 7
+    assert t.allocate(3) == [1, 2, 3]
+    with pytest.raises(BackendError) as exc:
+        t.allocate(5)  # 6 free, 2 of them spares
+    assert exc.value.errno == errno.ENOSPC and t.free_groups == 6
+    assert t.allocate(6, use_spares=True) == [4, 5, 6, 7, 8, 9]
+    with pytest.raises(ValueError):
+        SlotTable(8, 2, spare_groups=2)

@@ -10,9 +10,11 @@ Per block (dense numpy arrays, indexed by block number)::
                       ------
                       12 bytes per 4 KiB block = 0.29 % of the device size
 
-Per pool group: ``free``, an ``array('I')`` stack of free group numbers (4 bytes per group, so
-4 bytes per ``N * 4 KiB`` of old memory). Sparse extras, empty while memory behaves: failure
-counts per slot, retired groups, lost blocks.
+Free groups: a high-water mark (groups at or above it were never handed out) and an
+``array('I')`` stack of groups given back by trim or zero writes: 4 bytes per *freed* group,
+so nothing until the first trim, and at worst 4 bytes per ``N * 4 KiB`` of old memory.
+Sparse extras, empty while memory behaves: failure counts per slot, retired groups, lost
+blocks.
 
 There is no per-block generation number: the checksum covers content, so a stale copy (lost
 write, reused slot) fails it like any other corruption, and the store's lock orders writers,
@@ -40,13 +42,14 @@ BYTES_PER_GROUP = 4
 class SlotTable:
     """Block -> (group, checksum), the free-group stack, and the fault bookkeeping.
 
-    Free groups are handed out lowest first at the start, and a released run is handed out
-    again in the order it was released, so sequential writes get consecutive groups and
-    sequential reads become one backend read per copy per run.
+    Freed groups are handed out first, in the order they were released; then never-used groups
+    from the high-water mark up. Sequential writes thus get consecutive groups, and sequential
+    reads become one backend read per copy per run.
     """
 
     __slots__ = (
         "_free",
+        "_next",
         "checksums",
         "failures",
         "groups",
@@ -64,11 +67,8 @@ class SlotTable:
         # An unwritten block reads as zeros, so it carries the checksum of zeros: a request's
         # checksums then verify in one batch, zero-filled blocks included.
         self.checksums: npt.NDArray[np.uint64] = np.full(nblocks, ZERO_CHECKSUM, dtype=np.uint64)
-        free = array("I")
-        if free.itemsize != 4:  # pragma: no cover - every Linux ABI kdumpd targets has 4
-            free = array("L")
-        free.frombytes(np.arange(ngroups - 1, -1, -1, dtype=f"u{free.itemsize}").tobytes())
-        self._free = free
+        self._free = array("I")  # freed groups, top of stack handed out first
+        self._next = 0  # groups >= _next were never handed out
         self.ngroups = ngroups
         self.spare_groups = spare_groups
         self.used_blocks = 0
@@ -78,27 +78,33 @@ class SlotTable:
 
     @property
     def free_groups(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.ngroups - self._next
 
     @property
     def usable_free_groups(self) -> int:
         """Free groups ordinary writes may take (the spares are kept for relocation)."""
-        return max(0, len(self._free) - self.spare_groups)
+        return max(0, self.free_groups - self.spare_groups)
 
     def allocate(self, count: int, *, use_spares: bool = False) -> list[int]:
         """Take ``count`` free groups, in hand-out order; raise ENOSPC taking none if short."""
-        avail = len(self._free) if use_spares else self.usable_free_groups
+        avail = self.free_groups if use_spares else self.usable_free_groups
         if count > avail:
             raise BackendError(
                 errno.ENOSPC,
                 f"old-memory pool is full: {count} blocks to place, {avail} free groups",
             )
-        if count == 0:
-            return []
-        out = self._free[-count:]
-        del self._free[-count:]
-        out.reverse()
-        return out.tolist()
+        reuse = min(count, len(self._free))
+        out: list[int] = []
+        if reuse:
+            taken = self._free[-reuse:]
+            del self._free[-reuse:]
+            taken.reverse()
+            out = taken.tolist()
+        fresh = count - reuse
+        if fresh:
+            out.extend(range(self._next, self._next + fresh))
+            self._next += fresh
+        return out
 
     def release(self, groups: list[int]) -> None:
         """Return groups; the first of ``groups`` is handed out first next time."""
@@ -109,5 +115,5 @@ class SlotTable:
         self.retired.add(group)
 
     def nbytes(self) -> int:
-        """Bytes of daemon memory the dense tables take (sparse extras excluded)."""
-        return int(self.groups.nbytes + self.checksums.nbytes) + self.ngroups * BYTES_PER_GROUP
+        """Bytes of daemon memory the tables take now (sparse extras excluded)."""
+        return int(self.groups.nbytes + self.checksums.nbytes) + len(self._free) * BYTES_PER_GROUP
