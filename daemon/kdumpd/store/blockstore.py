@@ -304,7 +304,8 @@ class BlockStore:
     def verify_block(self, block: int) -> BlockCheck:
         """Verify every copy of ``block`` and repair the bad ones (the scrubber's primitive).
 
-        Never raises for a lost block: it is counted and reported as ``LOST``.
+        Never raises for a lost block: it is counted once and reported as ``LOST`` on every
+        call until the block is rewritten or trimmed.
         """
         if not 0 <= block < self.nblocks:
             raise ValueError(f"block {block} outside the device (0..{self.nblocks - 1})")
@@ -313,6 +314,8 @@ class BlockStore:
             group = t.groups.item(block)
             if group == UNWRITTEN:
                 return BlockCheck.UNWRITTEN
+            if block in t.lost:
+                return BlockCheck.LOST
             expected = t.checksums.item(block)
             good: memoryview | None = None
             bad: list[int] = []
@@ -529,6 +532,8 @@ class BlockStore:
     def _recover(self, block: int, group: int, blk: memoryview) -> None:
         # Copy 0 of block failed and sits in blk: fill blk from a good copy and repair, or
         # raise IntegrityError if no copy is good.
+        if block in self._t.lost:  # known lost: no copy can have come back
+            raise self._lost_error(block)
         expected = self._t.checksums.item(block)
         self._note_bad(block, 0, group)
         bad = [0]
@@ -540,7 +545,10 @@ class BlockStore:
             bad.append(c)
             self._note_bad(block, c, group)
         self._mark_lost(block)
-        raise IntegrityError(
+        raise self._lost_error(block)
+
+    def _lost_error(self, block: int) -> IntegrityError:
+        return IntegrityError(
             f"block {block} (offset {block << _SHIFT:#x}): all {self._n} copies failed their "
             "checksum"
         )

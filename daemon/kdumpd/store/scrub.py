@@ -34,7 +34,7 @@ class ScrubReport:
     blocks_checked: int
     bytes_read: int
     blocks_repaired: int  # blocks with at least one copy repaired
-    blocks_lost: int  # blocks found with every copy bad
+    blocks_lost: int  # LOST results: a lost block is seen again on every pass
 
 
 class Scrubber:
