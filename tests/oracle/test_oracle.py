@@ -15,10 +15,7 @@ Known, explained differences (each is asserted, so a new difference fails):
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,54 +23,19 @@ import pytest
 
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.policy import excluded_classes
-from kdumpd.plan import Plan, make_plan
+from kdumpd.plan import Plan
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore
-from tests.conftest import TOP, require
+from kdumpd.vmcore.elf import kernel_text_loads
+from tests.conftest import require
 from tests.oracle import mdf
-
-sys.path.insert(0, str(TOP / "tests" / "vm"))
-import vmcores  # noqa: E402
-
-NAMES = [spec.name for spec in vmcores.STANDARD]
-
-
-@cache
-def _vmcore(name: str) -> Path:
-    return vmcores.ensure(name) / "vmcore"
+from tests.realcores import NAMES, class_map, vmcore_dir
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def real(request: pytest.FixtureRequest) -> Path:
-    require(importlib.util.find_spec("numpy") is not None, "numpy")
     require(shutil.which("makedumpfile") is not None, "makedumpfile is not installed")
-    return _vmcore(request.param)
-
-
-@cache
-def _class_map(vmcore: Path) -> tuple[Plan, np.ndarray]:
-    """Per-pfn classes for the whole vmcore, via the same pipeline as the CLI."""
-    with open_vmcore(vmcore) as vm:
-        captured: dict[int, np.ndarray] = {}
-        import kdumpd.plan as planmod
-
-        original = planmod.Classifier.classify
-
-        def spy(self, start_pfn, pages, examined):  # type: ignore[no-untyped-def]
-            res = original(self, start_pfn, pages, examined)
-            captured[start_pfn] = res.classes.copy()
-            return res
-
-        planmod.Classifier.classify = spy  # type: ignore[method-assign]
-        try:
-            plan = make_plan(vm, 31)
-        finally:
-            planmod.Classifier.classify = original  # type: ignore[method-assign]
-        end = max(r.end_paddr for r in vm.phys.ranges) >> PAGE_SHIFT
-    classes = np.zeros(end, dtype=np.uint8)
-    for start, arr in captured.items():
-        classes[start : start + len(arr)] = arr
-    return plan, classes
+    return vmcore_dir(request.param) / "vmcore"
 
 
 def _is_612_layout(plan: Plan) -> bool:
@@ -81,7 +43,7 @@ def _is_612_layout(plan: Plan) -> bool:
 
 
 def test_reusable_is_subset_of_makedumpfile_exclusion(real: Path, tmp_path: Path) -> None:
-    plan, _ = _class_map(real)
+    plan, _ = class_map(real)
     ref = mdf.run(real, 31, tmp_path)
     reusable = np.zeros(len(ref.present), dtype=bool)
     for ext in plan.extents:
@@ -89,7 +51,7 @@ def test_reusable_is_subset_of_makedumpfile_exclusion(real: Path, tmp_path: Path
     bad = np.nonzero(reusable & ~ref.excluded)[0]
     if _is_612_layout(plan) and ref.version.startswith("1.7.2"):
         # 1.7.2 dumps THP tails and hugetlb on 6.12: kdumpd's class "user" is wider there.
-        _, classes = _class_map(real)
+        _, classes = class_map(real)
         user = np.isin(classes[: len(ref.present)], [PageClass.USER_ANON, PageClass.USER_HUGETLB])
         assert not (reusable & ~ref.excluded & ~user).any()
         assert len(bad) > 0, "1.7.2 on 6.12 was expected to miss THP tails/hugetlb"
@@ -100,7 +62,7 @@ def test_reusable_is_subset_of_makedumpfile_exclusion(real: Path, tmp_path: Path
 
 @pytest.mark.parametrize("level", [2, 4, 8, 16])
 def test_single_level_matches_page_by_page(real: Path, tmp_path: Path, level: int) -> None:
-    plan, classes = _class_map(real)
+    plan, classes = class_map(real)
     ref = mdf.run(real, level, tmp_path)
     n = len(ref.present)
     wanted = [int(c) for c in excluded_classes(level)]
@@ -124,7 +86,7 @@ def test_single_level_matches_page_by_page(real: Path, tmp_path: Path, level: in
 
 
 def test_report_counts_agree(real: Path, tmp_path: Path) -> None:
-    plan, _ = _class_map(real)
+    plan, _ = class_map(real)
     ref = mdf.run(real, 31, tmp_path)
     cats = plan.categories
     if not (_is_612_layout(plan) and ref.version.startswith("1.7.2")):
@@ -132,8 +94,6 @@ def test_report_counts_agree(real: Path, tmp_path: Path) -> None:
             assert cats[key] == ref.report[key], key
     # Explained: the kernel-text PT_LOAD is counted twice by makedumpfile.
     with open_vmcore(real) as vm:
-        from kdumpd.vmcore.elf import kernel_text_loads
-
         text_pages = sum(s.p_memsz >> PAGE_SHIFT for s in kernel_text_loads(vm.header.loads))
     assert ref.report["total"] - ref.report["hole"] == plan.total_pages + text_pages
 
@@ -149,7 +109,7 @@ def _meminfo(directory: Path) -> dict[str, int]:
 def test_counts_agree_with_guest_meminfo(real: Path) -> None:
     """An oracle independent of makedumpfile (1.7.2 is wrong on 6.12): /proc/meminfo taken
     just before the crash. Free pages drift a little (per-cpu lists, the crash path)."""
-    plan, _ = _class_map(real)
+    plan, _ = class_map(real)
     mi = _meminfo(real.parent)
     kib = {k: (v or 0) * 4 for k, v in plan.categories.items()}
     hugetlb_kib = mi["HugePages_Total"] * mi["Hugepagesize"]
