@@ -23,7 +23,7 @@ import pytest
 
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.policy import excluded_classes
-from kdumpd.plan import Plan
+from kdumpd.plan import Plan, make_plan
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore
 from kdumpd.vmcore.elf import kernel_text_loads
@@ -92,6 +92,9 @@ def test_report_counts_agree(real: Path, tmp_path: Path) -> None:
     if not (_is_612_layout(plan) and ref.version.startswith("1.7.2")):
         for key in ("cache", "cache_private", "user", "free", "hwpoison", "offline"):
             assert cats[key] == ref.report[key], key
+        with open_vmcore(real) as vm:
+            zero = make_plan(vm, 31, count_zero=True).categories["zero"]
+        assert zero == ref.report["zero"]
     # Explained: the kernel-text PT_LOAD is counted twice by makedumpfile.
     with open_vmcore(real) as vm:
         text_pages = sum(s.p_memsz >> PAGE_SHIFT for s in kernel_text_loads(vm.header.loads))
