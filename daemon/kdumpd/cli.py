@@ -16,7 +16,7 @@ from typing import Any
 
 from kdumpd import __version__
 from kdumpd.errors import KdumpdError
-from kdumpd.plan import Plan, make_plan, write_extents_file
+from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
 from kdumpd.vmcore.core import open_vmcore
 
 __all__ = ["main"]
@@ -116,6 +116,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dmesg(args: argparse.Namespace) -> int:
+    with open_vmcore(args.vmcore) as vm:
+        for record in read_crash_log(vm):
+            print(record.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdumpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kdumpd {__version__}")
@@ -135,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dump-level", "-d", type=_dump_level, default=31)
     plan.add_argument("--extents", required=True, metavar="FILE")
     plan.set_defaults(func=cmd_plan)
+
+    dmesg = sub.add_parser("dmesg", help="print the crashed kernel's log from the vmcore")
+    dmesg.add_argument("vmcore")
+    dmesg.set_defaults(func=cmd_dmesg)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kdumpd.crash.dmesg import LogRecord, read_log
 from kdumpd.errors import LayoutError, TranslationError
 from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
 from kdumpd.mm.extents import ExtentBuilder
@@ -25,8 +26,11 @@ from kdumpd.mm.policy import ReusePolicy
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
 from kdumpd.vmcore.core import Vmcore
 from kdumpd.xlat import Translator, make_translator
+from kdumpd.xlat.vmem import VirtMem
 
-__all__ = ["Plan", "make_plan", "read_extents_file", "write_extents_file"]
+__all__ = [
+    "Plan", "make_plan", "read_crash_log", "read_extents_file", "write_extents_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +227,12 @@ def make_plan(
         plan.reusable_pages, plan.reusable_bytes >> 20, len(plan.extents), dump_level,
     )
     return plan
+
+
+def read_crash_log(vm: Vmcore) -> list[LogRecord]:
+    """The crashed kernel's printk log (both ring formats), oldest record first."""
+    xlat = make_translator(vm.header.arch, vm.info, vm.header.loads, vm.phys.read_u64)
+    return read_log(vm.info, VirtMem(xlat, vm.phys))
 
 
 def xlat_read_u64(xlat: Translator, vm: Vmcore) -> Callable[[int], int]:

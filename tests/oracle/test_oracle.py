@@ -16,6 +16,7 @@ Known, explained differences (each is asserted, so a new difference fails):
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,16 @@ def test_counts_agree_with_guest_meminfo(real: Path) -> None:
     assert abs(kib["cache"] + kib["cache_private"] - (mi["Cached"] + mi["Buffers"])) <= (
         0.02 * (mi["Cached"] + mi["Buffers"]))
     assert abs(kib["free"] - mi["MemFree"]) <= 0.03 * mi["MemFree"]
+
+
+def test_dmesg_matches_makedumpfile(real: Path, tmp_path: Path) -> None:
+    """``kdumpd dmesg`` prints exactly what ``makedumpfile --dump-dmesg`` prints."""
+    from kdumpd.plan import read_crash_log
+
+    theirs = tmp_path / "mdf-dmesg.txt"
+    subprocess.run(["makedumpfile", "--dump-dmesg", str(real), str(theirs)],
+                   check=True, capture_output=True)
+    with open_vmcore(real) as vm:
+        ours = "".join(r.format() + "\n" for r in read_crash_log(vm))
+    assert ours == theirs.read_text(errors="replace")
+    assert "Kernel panic - not syncing: sysrq triggered crash" in ours

@@ -14,7 +14,8 @@ ALLOWED: dict[str, set[str]] = {
     "vmcore": {"errors", "units", "vmcore"},
     "xlat": {"errors", "units", "vmcore", "xlat"},
     "mm": {"errors", "units", "vmcore", "xlat", "mm"},
-    "plan": {"errors", "units", "vmcore", "xlat", "mm"},
+    "crash": {"errors", "units", "vmcore", "xlat"},
+    "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
     "oldmem": {"errors", "units", "oldmem"},
     "store": {"errors", "units", "oldmem", "store"},
 }

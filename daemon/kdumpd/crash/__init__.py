@@ -1,0 +1,1 @@
+"""Facts about the crash itself (the old kernel's log, hardware-error markers); never decides."""
