@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import random
+import sys
 import threading
+import time
 
 import pytest
 from tests.conftest import require
@@ -25,6 +27,7 @@ from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedErro
 from kdumpd.oldmem.base import Guarded
 from kdumpd.store.blockstore import BlockCheck, BlockStore
 from kdumpd.store.blocksum import PyBlockSums
+from kdumpd.store.mutex import YieldingMutex
 from kdumpd.store.placement import Placement
 from kdumpd.store.slot import BYTES_PER_BLOCK, SlotTable
 from kdumpd.units import PAGE_SIZE
@@ -399,3 +402,31 @@ def test_slot_table_hands_out_freed_groups_first_then_fresh() -> None:
     assert t.allocate(6, use_spares=True) == [4, 5, 6, 7, 8, 9]
     with pytest.raises(ValueError):
         SlotTable(8, 2, spare_groups=2)
+
+
+def test_yielding_mutex_excludes_under_forced_gil_switches() -> None:
+    m = YieldingMutex()
+    state = {"inside": 0, "max_inside": 0, "n": 0}
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
+
+    def worker() -> None:
+        for _ in range(2000):
+            with m:
+                state["inside"] += 1
+                state["max_inside"] = max(state["max_inside"], state["inside"])
+                n = state["n"]
+                if n % 97 == 0:
+                    time.sleep(0)  # give the GIL away while holding the mutex
+                state["n"] = n + 1
+                state["inside"] -= 1
+
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert state["n"] == 8000 and state["max_inside"] == 1

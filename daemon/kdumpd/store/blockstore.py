@@ -8,11 +8,8 @@ trimmed), or raises :class:`~kdumpd.errors.IntegrityError`. It never returns oth
   a write that fails half-way leaves copies that fail their checksum, never stale ones that pass.
   An all-zero block is stored as "unwritten" and frees its group.
 - **read**: read copy 0 (one backend read per physically contiguous run of blocks), verify
-  each block's checksum; on a mismatch read the other copies until one verifies, rewrite the
-  bad ones from it and read them back; if none verifies, the block is lost: IntegrityError.
-- **quarantine**: a slot whose repair does not stick, or that has failed ``quarantine_after``
-  times, is quarantined: the block moves to a fresh group (spares are reserved for this) and
-  the old group is never handed out again.
+  each block's checksum; a mismatch goes to :class:`~kdumpd.store.repair.Repairer` (other
+  copies, repair with read-back, quarantine and relocation, or IntegrityError if none is good).
 - **trim / zero**: whole blocks give their group back and read as zeros; write-zeroes writes
   zeros into partial blocks at the edges, trim leaves them alone (trim is advisory).
 
@@ -21,25 +18,18 @@ copies and python-xxhash hold it), so finer locks could not let two requests run
 would only cost more per request. nbdkit's PARALLEL thread model is safe: requests overlap in
 nbdkit's C code (socket I/O) and queue only here.
 
-A waiter does not sleep on the mutex: it yields the GIL (``time.sleep(0)``) and retries, up to
-a bound, then blocks. Sleeping on it makes mutex and GIL change hands on every request (the
-holder wakes the waiter, which then waits for the GIL the holder has): measured 4x fewer
-4 KiB reads per second with 4 threads than with 1. Yielding keeps 4 threads at about the
-single-thread rate (``bench/bench_store.py`` prints both).
+Waiters yield the GIL rather than sleep on the mutex: see :mod:`kdumpd.store.mutex`.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import threading
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
+from kdumpd.errors import ConfigError, RefusedError
 from kdumpd.oldmem.base import BytesLike, Guarded, OldMem
 from kdumpd.store.blocksum import (
     ZERO_BLOCK,
@@ -48,7 +38,9 @@ from kdumpd.store.blocksum import (
     checksum,
     default_block_sums,
 )
+from kdumpd.store.mutex import YieldingMutex
 from kdumpd.store.placement import Placement
+from kdumpd.store.repair import Repairer
 from kdumpd.store.slot import UNWRITTEN, SlotTable
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE
 
@@ -60,7 +52,6 @@ BLOCK_SIZE = PAGE_SIZE
 _SHIFT = PAGE_SHIFT
 _MASK = BLOCK_SIZE - 1
 _SCAN_CHUNK = 1 << 16  # blocks examined per lock hold when looking for written blocks
-_SPINS = 200  # GIL yields before a waiter blocks on the mutex
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,50 +116,6 @@ def _is_zero(blk: memoryview) -> bool:
     return blk.tobytes() == ZERO_BLOCK
 
 
-class _Mutex:
-    # A mutex whose waiters yield the GIL before they block (see the module docstring). The
-    # hot paths inline the uncontended case: ``if not raw.acquire(False): wait()``.
-    __slots__ = ("raw",)
-
-    def __init__(self) -> None:
-        self.raw = threading.Lock()
-
-    def wait(self) -> None:
-        raw = self.raw
-        for _ in range(_SPINS):
-            time.sleep(0)
-            if raw.acquire(False):
-                return
-        raw.acquire()
-
-    def __enter__(self) -> None:
-        if not self.raw.acquire(False):
-            self.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        self.raw.release()
-
-
-class _RateLimitedWarning:
-    # At most one WARNING per interval; the next one says how many were dropped.
-    def __init__(self, interval: float = 1.0) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._dropped = 0
-
-    def __call__(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._dropped += 1
-            return
-        if self._dropped:
-            msg += " (%d similar messages dropped)"
-            args += (self._dropped,)
-            self._dropped = 0
-        self._next = now + self._interval
-        log.warning(msg, *args)
-
-
 class BlockStore:
     """A thin-provisioned block device of ``size_bytes`` over old memory, ``copies`` deep.
 
@@ -213,17 +160,13 @@ class BlockStore:
         self._n = placement.copies
         self._sums = block_sums or default_block_sums()
         self._t = SlotTable(size_bytes >> _SHIFT, ngroups, spare_groups=spare_groups)
-        self._quarantine_after = quarantine_after
         self.size_bytes = size_bytes
         self.nblocks = size_bytes >> _SHIFT
-        self._lock = _Mutex()
-        self._check = memoryview(bytearray(BLOCK_SIZE))  # read-back after a repair
+        self._lock = YieldingMutex()
+        self._fixer = Repairer(self._mem, placement, self._t, quarantine_after=quarantine_after)
         self._copybufs = [memoryview(bytearray(BLOCK_SIZE)) for _ in range(self._n)]
-        self._warn = _RateLimitedWarning()
         self._reads = self._writes = self._trims = self._zeroes = 0
-        self._blocks_read = self._blocks_written = 0
-        self._corrupt = self._repaired = self._quarantined = self._relocations = 0
-        self._lost = self._scrubbed = 0
+        self._blocks_read = self._blocks_written = self._scrubbed = 0
         log.info("store: %d MiB device, %s, %d spare groups, metadata %d KiB, %s checksums",
                  size_bytes >> 20, placement.describe(), spare_groups, self._t.nbytes() >> 10,
                  self._sums.name)
@@ -351,14 +294,14 @@ class BlockStore:
                         good = buf
                 else:
                     bad.append(c)
-                    self._note_bad(block, c, group)
+                    self._fixer.note_bad(block, c, group)
             self._scrubbed += 1
             if good is None:
-                self._mark_lost(block)
+                self._fixer.mark_lost(block)
                 return BlockCheck.LOST
             if not bad:
                 return BlockCheck.CLEAN
-            self._fix(block, group, bad, good, expected)
+            self._fixer.fix(block, group, bad, good, expected)
             return BlockCheck.REPAIRED
 
     def next_written(self, block: int) -> int | None:
@@ -389,11 +332,11 @@ class BlockStore:
                 zeroes=self._zeroes,
                 blocks_read=self._blocks_read,
                 blocks_written=self._blocks_written,
-                corruptions_detected=self._corrupt,
-                repaired=self._repaired,
-                quarantined_slots=self._quarantined,
-                relocations=self._relocations,
-                lost_blocks=self._lost,
+                corruptions_detected=self._fixer.corrupt,
+                repaired=self._fixer.repaired,
+                quarantined_slots=self._fixer.quarantined,
+                relocations=self._fixer.relocations,
+                lost_blocks=self._fixer.lost,
                 scrubbed_blocks=self._scrubbed,
                 copies=self._n,
                 size_bytes=self.size_bytes,
@@ -424,7 +367,7 @@ class BlockStore:
                 return
             mem.preadinto(p.slot_paddr(0, group), mv)
             if checksum(mv) != t.checksums.item(b0):
-                self._recover(b0, group, mv)
+                self._fixer.recover(b0, group, mv)
             return
         groups = t.groups[b0 : b0 + n].tolist()
         for i, j in _iter_runs(groups):
@@ -441,7 +384,7 @@ class BlockStore:
         expected = t.checksums[b0 : b0 + n]
         k = self._sums.first_bad(mv, expected)
         while k < n:
-            self._recover(b0 + k, groups[k], mv[k << _SHIFT : (k + 1) << _SHIFT])
+            self._fixer.recover(b0 + k, groups[k], mv[k << _SHIFT : (k + 1) << _SHIFT])
             k += 1
             k += self._sums.first_bad(mv[k << _SHIFT :], expected[k:])
 
@@ -524,93 +467,3 @@ class BlockStore:
             t.release(freed)
         if t.lost:
             t.lost.difference_update(range(b0, b1))
-
-    def _note_bad(self, block: int, copy: int, group: int) -> None:
-        self._corrupt += 1
-        slot = copy * self._p.ngroups + group
-        self._t.failures[slot] = self._t.failures.get(slot, 0) + 1
-        self._warn("store: block %d copy %d at %#x failed its checksum", block, copy,
-                   self._p.slot_paddr(copy, group))
-
-    def _mark_lost(self, block: int) -> None:
-        if block not in self._t.lost:
-            self._t.lost.add(block)
-            self._lost += 1
-            log.error("store: block %d (offset %#x) lost: all %d copies failed their checksum",
-                      block, block << _SHIFT, self._n)
-
-    def _recover(self, block: int, group: int, blk: memoryview) -> None:
-        # Copy 0 of block failed and sits in blk: fill blk from a good copy and repair, or
-        # raise IntegrityError if no copy is good.
-        if block in self._t.lost:  # known lost: no copy can have come back
-            raise self._lost_error(block)
-        expected = self._t.checksums.item(block)
-        self._note_bad(block, 0, group)
-        bad = [0]
-        for c in range(1, self._n):
-            self._mem.preadinto(self._p.slot_paddr(c, group), blk)
-            if checksum(blk) == expected:
-                self._fix(block, group, bad, blk, expected)
-                return
-            bad.append(c)
-            self._note_bad(block, c, group)
-        self._mark_lost(block)
-        raise self._lost_error(block)
-
-    def _lost_error(self, block: int) -> IntegrityError:
-        return IntegrityError(
-            f"block {block} (offset {block << _SHIFT:#x}): all {self._n} copies failed their "
-            "checksum"
-        )
-
-    def _fix(self, block: int, group: int, bad: list[int], good: memoryview, expected: int) -> None:
-        # Rewrite each bad copy from good and read it back; quarantine if it did not stick or
-        # the slot has failed too often.
-        move = False
-        for c in bad:
-            paddr = self._p.slot_paddr(c, group)
-            self._mem.pwrite(paddr, good)
-            self._mem.preadinto(paddr, self._check)
-            if checksum(self._check) == expected:
-                self._repaired += 1
-                slot = c * self._p.ngroups + group
-                if self._t.failures.get(slot, 0) >= self._quarantine_after:
-                    move = True
-            else:
-                move = True
-                log.warning("store: repair of block %d copy %d at %#x did not stick", block, c,
-                            paddr)
-        if move:
-            self._relocate(block, group, good, expected)
-
-    def _retire(self, group: int) -> None:
-        t, ngroups = self._t, self._p.ngroups
-        t.retire(group)
-        bad = sum(1 for c in range(self._n) if t.failures.get(c * ngroups + group))
-        self._quarantined += max(1, bad)
-
-    def _relocate(self, block: int, group: int, good: memoryview, expected: int) -> None:
-        # Move block to a fresh group (spares allowed), verified; retire the old group.
-        for _ in range(4):
-            try:
-                (new,) = self._t.allocate(1, use_spares=True)
-            except BackendError:
-                log.error("store: no spare group to move block %d off a failing slot", block)
-                return
-            ok = True
-            for c in range(self._n):
-                paddr = self._p.slot_paddr(c, new)
-                self._mem.pwrite(paddr, good)
-                self._mem.preadinto(paddr, self._check)
-                if checksum(self._check) != expected:
-                    ok = False
-                    self._note_bad(block, c, new)
-            if ok:
-                self._t.groups[block] = new
-                self._retire(group)
-                self._relocations += 1
-                log.warning("store: block %d moved from group %d to %d; old group quarantined",
-                            block, group, new)
-                return
-            self._retire(new)
-        log.error("store: could not move block %d to a group that holds data", block)
