@@ -20,6 +20,22 @@ from kdumpd.vmcore.core import open_vmcore
 KERNELS = ["6.1", "6.12"]
 
 
+def _variant(base: str, name: str) -> dict[str, str]:
+    """Layouts between the two real templates, made by editing keys as those kernels did."""
+    info = template(base)
+    if name == "folio-6.3":  # 6.3..6.5: order/dtor are folio fields in page[1]
+        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
+        info["OFFSET(folio._folio_dtor)"] = "80"
+        info["OFFSET(folio._folio_order)"] = "81"
+    elif name == "pg_hugetlb-6.6":  # 6.6..6.8: order in _flags_1, hugetlb is a _flags_1 bit
+        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
+        del info["NUMBER(HUGETLB_PAGE_DTOR)"]
+        info["NUMBER(PG_hugetlb)"] = "8"
+    elif name == "unaccepted-6.16":
+        info["NUMBER(PAGE_UNACCEPTED_MAPCOUNT_VALUE)"] = str(0xF7000000 - (1 << 32))
+    return info
+
+
 def _compound(m: Machine, head: int, order: int, *, anon: bool = False, hugetlb: bool = False,
               lru: bool = False) -> None:
     """A folio of ``1 << order`` pages in the layout of m's kernel."""
@@ -40,8 +56,15 @@ def _compound(m: Machine, head: int, order: int, *, anon: bool = False, hugetlb:
         m.page_byte(head + 1, int(info["OFFSET(page.compound_order)"]), order)
         dtor = int(info["NUMBER(HUGETLB_PAGE_DTOR)"]) if hugetlb else 3
         m.page_byte(head + 1, int(info["OFFSET(page.compound_dtor)"]), dtor)
+    elif "OFFSET(folio._folio_order)" in info:  # 6.3..6.5: folio fields, counted from head
+        m.page_byte(head + 1, int(info["OFFSET(folio._folio_order)"]) - m.size_page, order)
+        dtor = int(info["NUMBER(HUGETLB_PAGE_DTOR)"]) if hugetlb else 3
+        m.page_byte(head + 1, int(info["OFFSET(folio._folio_dtor)"]) - m.size_page, dtor)
     else:  # 6.6+: order in folio._flags_1 (the flags word of page[1])
-        m.page(head + 1, flags=order, compound_head=head_va | 1)
+        flags_1 = order
+        if hugetlb and "NUMBER(PG_hugetlb)" in info:
+            flags_1 |= 1 << int(info["NUMBER(PG_hugetlb)"])
+        m.page(head + 1, flags=flags_1, compound_head=head_va | 1)
 
 
 def _buddy(m: Machine, head: int, order: int) -> None:
@@ -49,7 +72,8 @@ def _buddy(m: Machine, head: int, order: int) -> None:
 
 
 def _build(tmp_path: Path, kernel: str, **kw: object) -> tuple[Machine, Path]:
-    m = Machine(template(kernel), **kw)  # type: ignore[arg-type]
+    info = template(kernel) if kernel in KERNELS else _variant("6.1", kernel)
+    m = Machine(info, **kw)  # type: ignore[arg-type]
     # pfn 0x8000..: a zoo of page kinds
     _buddy(m, 0x8000, 3)                                  # free, order 3
     _buddy(m, 0x8008, 3)                                  # free, but an inner page is poisoned
@@ -103,7 +127,7 @@ def _reusable(plan: Plan) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [*KERNELS, "folio-6.3", "pg_hugetlb-6.6", "unaccepted-6.16"])
 @pytest.mark.parametrize("five_level", [False, True])
 def test_zoo_classes_and_reuse(tmp_path: Path, kernel: str, five_level: bool) -> None:
     _, path = _build(tmp_path, kernel, five_level=five_level)
@@ -120,6 +144,11 @@ def test_zoo_classes_and_reuse(tmp_path: Path, kernel: str, five_level: bool) ->
     }
     got = {pfn: PageClass(cls[pfn]) for pfn in expect}
     assert got == expect
+    if kernel == "pg_hugetlb-6.6":
+        # makedumpfile issue #21: on 6.6..6.8 PG_hugetlb also marks kernel pages; withheld
+        assert not reuse[0x8400:0x8600].any()
+        assert "user_hugetlb" in plan.withheld
+        reuse[0x8400:0x8600] = True  # the rest of the checks are the same
     # reusable at -d 31: free (not the poisoned block), cache, user; never hwpoison/offline/
     # slab/kernel/tails of kernel folios
     assert reuse[0x8000:0x8008].all()
@@ -185,3 +214,14 @@ def test_vmemmap_leaf_sizes_and_sme_mask(tmp_path: Path, leaf: int) -> None:
     plan, cls = _classes(m.write(tmp_path / "v"))
     assert PageClass(cls[0x800F]) == PageClass.FREE
     assert _reusable(plan)[0x8000:0x8010].all()
+
+
+def test_unaccepted_pages_are_free_but_never_reused(tmp_path: Path) -> None:
+    m = Machine(_variant("6.1", "unaccepted-6.16"))
+    m.page(0x8000, _mapcount=0xF7000000)  # a MAX_PAGE_ORDER block of unaccepted memory
+    plan, cls = _classes(m.write(tmp_path / "u"))
+    assert PageClass(cls[0x8000]) == PageClass.UNACCEPTED
+    assert PageClass(cls[0x83FF]) == PageClass.UNACCEPTED  # 1 << (11 - 1) pages
+    assert PageClass(cls[0x8400]) == PageClass.KERNEL
+    assert plan.categories["free"] == 1024
+    assert not _reusable(plan)[0x8000:0x8400].any()

@@ -114,4 +114,12 @@ def parse_vmcoreinfo(desc: bytes) -> VmcoreInfo:
             raise VmcoreError(f"VMCOREINFO line {lineno} is malformed: {line[:80]!r}") from None
     if not info.other.get("OSRELEASE") and not info.sizes:
         raise VmcoreError("VMCOREINFO note holds no keys")
+    # Keys read later as numbers are checked now, so garbage fails here with its name.
+    for key, hexa in (("PAGESIZE", False), ("KERNELOFFSET", True), ("CRASHTIME", False)):
+        if key in info.other:
+            try:
+                _parse_int(info.other[key], hex_default=hexa)
+            except ValueError:
+                bad = info.other[key][:40]
+                raise VmcoreError(f"VMCOREINFO {key}={bad!r} is not a number") from None
     return info
