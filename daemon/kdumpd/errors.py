@@ -13,7 +13,10 @@ __all__ = [
     "IntegrityError",
     "KdumpdError",
     "LayoutError",
+    "NotRunningError",
     "RefusedError",
+    "SelfTestError",
+    "ServeError",
     "TranslationError",
     "VmcoreError",
 ]
@@ -65,3 +68,21 @@ class IntegrityError(KdumpdError):
     """Every copy of a block failed its checksum: the data is lost, never returned wrong."""
 
     exit_code = 8
+
+
+class ServeError(KdumpdError):
+    """Serving failed outside the store: nbdkit, the NBD device, swap or the filesystem."""
+
+    exit_code = 9
+
+
+class NotRunningError(KdumpdError):
+    """``kdumpd status``/``stop`` found no running daemon in the run directory."""
+
+    exit_code = 10
+
+
+class SelfTestError(KdumpdError):
+    """The store's self-test failed: nothing was written to old memory."""
+
+    exit_code = 11
