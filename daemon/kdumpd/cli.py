@@ -12,11 +12,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kdumpd import __version__
-from kdumpd.errors import KdumpdError
+from kdumpd.errors import KdumpdError, RefusedError
 from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
+from kdumpd.safeplan import gated_plan, host_facts_here
+from kdumpd.safety.gate import MCE_POLICIES
+from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
 from kdumpd.vmcore.core import open_vmcore
 
 __all__ = ["main"]
@@ -68,13 +72,34 @@ def _dump_level(text: str) -> int:
     return level
 
 
-def _build_plan(args: argparse.Namespace) -> Plan:
+def _host_facts(args: argparse.Namespace) -> HostFacts | None:
+    if args.host_iomem or args.host_cmdline:
+        iomem = Path(args.host_iomem).read_text() if args.host_iomem else ""
+        cmdline = Path(args.host_cmdline).read_text() if args.host_cmdline else ""
+        return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline")
+    return host_facts_here(Path(args.vmcore))
+
+
+def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
+    """The gated plan, or (for survey) the ungated counts and the refusal."""
     bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
+    collector = args.collector
+    if collector is None and args.dump_level is not None:
+        collector = f"makedumpfile -d {args.dump_level}"
     try:
         with open_vmcore(args.vmcore) as vm:
-            return make_plan(
-                vm, args.dump_level, count_zero=getattr(args, "count_zero", False), progress=bar
-            )
+            try:
+                gated = gated_plan(
+                    vm, collector=collector, host=_host_facts(args),
+                    mce_policy=args.mce_policy,
+                    count_zero=getattr(args, "count_zero", False), progress=bar,
+                )
+                return gated.plan, None
+            except RefusedError as exc:
+                if args.command != "survey":
+                    raise
+                counts = make_plan(vm, 31, count_zero=getattr(args, "count_zero", False))
+                return counts, str(exc)
     finally:
         bar.close()
 
@@ -88,9 +113,12 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_survey(args: argparse.Namespace) -> int:
-    plan = _build_plan(args)
+    plan, refusal = _build_plan(args)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        doc = plan.to_json()
+        if refusal:
+            doc.update(refused=refusal, reusable_pages=0, reusable_bytes=0, extents=0)
+        print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     print(f"kernel {plan.osrelease} ({plan.arch}), dump level {plan.dump_level}")
     print("Excluded pages (makedumpfile categories):")
@@ -99,17 +127,23 @@ def cmd_survey(args: argparse.Namespace) -> int:
         shown = "not computed" if value is None else f"0x{value:016x}"
         print(f"  {label:<26}: {shown}")
     print(f"  {'Total pages':<26}: 0x{plan.total_pages:016x}")
-    print(f"reusable: {plan.reusable_pages} pages ({_fmt_bytes(plan.reusable_bytes)}) "
-          f"in {len(plan.extents)} extents")
+    if refusal:
+        print(f"reusable: none: refused by {refusal}")
+    else:
+        print(f"reusable: {plan.reusable_pages} pages ({_fmt_bytes(plan.reusable_bytes)}) "
+              f"in {len(plan.extents)} extents")
+    for rule in plan.features.get("safety_rules", []):
+        print(f"safety: {rule}")
     for rule, why in plan.withheld.items():
         print(f"withheld {rule}: {why}")
-    feats: dict[str, Any] = plan.features
+    feats: dict[str, Any] = {
+        k: v for k, v in plan.features.items() if k not in ("safety_rules",)}
     print("layout: " + ", ".join(f"{k}={v}" for k, v in sorted(feats.items())))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = _build_plan(args)
+    plan, _ = _build_plan(args)
     write_extents_file(args.extents, plan.extents)
     print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
           f"({_fmt_bytes(plan.reusable_bytes)}) written to {args.extents}", file=sys.stderr)
@@ -123,6 +157,23 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dump-level", "-d", type=_dump_level, default=None,
+        help="shorthand for --collector 'makedumpfile -d N'")
+    parser.add_argument(
+        "--collector", metavar="'COMMAND LINE'", default=None,
+        help="the dump collector that will run (default: read from /etc/kdump.conf or "
+             "/etc/default/kdump-tools; without either: makedumpfile -d 31)")
+    parser.add_argument("--mce-policy", choices=MCE_POLICIES, default="refuse",
+                        help="after a hardware memory error: reuse nothing (default) or "
+                             "exclude the reported address ranges")
+    parser.add_argument("--host-iomem", metavar="FILE", default=None,
+                        help="the capture kernel's /proc/iomem, to check a plan offline")
+    parser.add_argument("--host-cmdline", metavar="FILE", default=None,
+                        help="the capture kernel's /proc/cmdline, to check a plan offline")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdumpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kdumpd {__version__}")
@@ -131,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     survey = sub.add_parser("survey", help="count pages per class and what could be reused")
     survey.add_argument("vmcore")
-    survey.add_argument("--dump-level", "-d", type=_dump_level, default=31)
+    _add_gate_options(survey)
     survey.add_argument("--json", action="store_true")
     survey.add_argument("--count-zero", action="store_true",
                         help="also read page contents to count zero pages (slow)")
@@ -139,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="write the reusable pfn extents")
     plan.add_argument("vmcore")
-    plan.add_argument("--dump-level", "-d", type=_dump_level, default=31)
+    _add_gate_options(plan)
     plan.add_argument("--extents", required=True, metavar="FILE")
     plan.set_defaults(func=cmd_plan)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,16 +141,24 @@ def make_plan(
     vm: Vmcore,
     dump_level: int = 31,
     *,
+    withheld: dict[PageClass, str] | None = None,
+    forbidden: Sequence[tuple[int, int, str]] = (),
+    min_run_pages: int = 1,
     count_zero: bool = False,
     progress: Progress | None = None,
 ) -> Plan:
-    """Classify every page of ``vm`` and derive the reusable extents for ``dump_level``."""
+    """Classify every page of ``vm`` and derive the reusable extents for ``dump_level``.
+
+    ``withheld`` classes are never reused (the safety gate's collector rule); ``forbidden``
+    physical byte ranges ``(start, end, reason)`` are cut out of the extents; extents shorter
+    than ``min_run_pages`` after splitting at PT_LOAD boundaries are dropped (ELF output).
+    """
     info = vm.info
     layout = PageLayout.from_vmcoreinfo(info)
     xlat = make_translator(vm.header.arch, info, vm.header.loads, vm.phys.read_u64)
     five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
     sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
-    policy = ReusePolicy.build(dump_level, layout)
+    policy = ReusePolicy.build(dump_level, layout, withheld)
     classifier = Classifier(layout)
     reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
@@ -194,6 +202,9 @@ def make_plan(
             done += npages
             if progress is not None:
                 progress(done, total)
+    for start_paddr, end_paddr, _why in forbidden:
+        builder.withdraw(start_paddr >> PAGE_SHIFT, -(-end_paddr // PAGE_SIZE))
+    extents = _split_and_filter(builder.extents(), spans, min_run_pages)
     class_pages = {PageClass(c).name.lower(): n for c, n in sorted(counts.items())}
     categories: dict[str, int | None] = {
         name: sum(counts.get(c, 0) for c in members) for name, members in MDF_CATEGORIES.items()
@@ -215,7 +226,7 @@ def make_plan(
         osrelease=info.osrelease,
         arch=vm.header.arch,
         dump_level=dump_level,
-        extents=tuple(builder.extents()),
+        extents=tuple(extents),
         class_pages=class_pages,
         categories=categories,
         total_pages=total,
@@ -227,6 +238,24 @@ def make_plan(
         plan.reusable_pages, plan.reusable_bytes >> 20, len(plan.extents), dump_level,
     )
     return plan
+
+
+def _split_and_filter(
+    extents: list[Extent], spans: list[tuple[int, int, int, int]], min_run_pages: int
+) -> list[Extent]:
+    """Split extents at PT_LOAD boundaries (collectors walk PT_LOADs one by one) and drop the
+    pieces shorter than ``min_run_pages``; a no-op when every piece is long enough."""
+    if min_run_pages <= 1:
+        return extents
+    bounds = sorted({b for s in spans for b in (s[0], s[1])})
+    out: list[Extent] = []
+    for ext in extents:
+        cuts = [b for b in bounds if ext.start_pfn < b < ext.end_pfn]
+        edges = [ext.start_pfn, *cuts, ext.end_pfn]
+        for a, b in zip(edges, edges[1:], strict=False):
+            if b - a >= min_run_pages:
+                out.append(Extent(a, b))
+    return out
 
 
 def read_crash_log(vm: Vmcore) -> list[LogRecord]:

@@ -138,6 +138,88 @@ class Machine:
         # The VA of SYMBOL(init_top_pgt) must translate through the kernel-image mapping.
         self.init_top_pgt_va = START_KERNEL_MAP + (self.pt.root - self.phys_base)
 
+    def kva(self, paddr: int) -> int:
+        """Kernel-image virtual address of a physical address allocated by ``mem.alloc``."""
+        return START_KERNEL_MAP + (paddr - self.phys_base)
+
+    def set_log(self, texts: list[str], legacy: bool = False) -> None:
+        """Put a printk log holding ``texts`` in memory (lockless ring, or the pre-5.10 one)."""
+        self.log_texts = list(texts)
+        self.log_legacy = legacy
+
+    def _write_log(self, info: dict[str, str]) -> None:
+        texts = getattr(self, "log_texts", ["Kernel panic - not syncing: sysrq triggered crash"])
+        for key in [k for k in info if "printk" in k or "prb" in k or k.startswith(
+                ("SYMBOL(log_", "SIZE(log", "OFFSET(log", "SIZE(latched", "OFFSET(latched"))]:
+            del info[key]
+        if getattr(self, "log_legacy", False):
+            self._write_legacy_log(info, texts)
+        else:
+            self._write_lockless_log(info, texts)
+
+    def _write_legacy_log(self, info: dict[str, str], texts: list[str]) -> None:
+        size = 1 << 14
+        buf = self.mem.alloc(size)
+        pos = 0
+        for i, text in enumerate(texts):
+            raw = text.encode()
+            length = (16 + len(raw) + 7) & ~7
+            self.mem.write(buf + pos, struct.pack("<QHHBB", i * 1000, length, len(raw), 0, 6))
+            self.mem.write(buf + pos + 16, raw)
+            pos += length
+        var = self.mem.alloc(64)
+        self.mem.write_u64(var, self.kva(buf))
+        self.mem.write(var + 8, struct.pack("<III", size, 0, pos))
+        info.update({
+            "SYMBOL(log_buf)": f"{self.kva(var):x}",
+            "SYMBOL(log_buf_len)": f"{self.kva(var + 8):x}",
+            "SYMBOL(log_first_idx)": f"{self.kva(var + 12):x}",
+            "SYMBOL(log_next_idx)": f"{self.kva(var + 16):x}",
+            "SIZE(printk_log)": "16", "OFFSET(printk_log.ts_nsec)": "0",
+            "OFFSET(printk_log.len)": "8", "OFFSET(printk_log.text_len)": "10",
+        })
+
+    def _write_lockless_log(self, info: dict[str, str], texts: list[str]) -> None:
+        # Field offsets as in 6.1's VMCOREINFO (tests/data/vmcoreinfo-6.1.txt).
+        count_bits, size_bits = 5, 14
+        descs = self.mem.alloc(24 << count_bits)
+        infos = self.mem.alloc(88 << count_bits)
+        data = self.mem.alloc(1 << size_bits)
+        rb = self.mem.alloc(88)
+        prb = self.mem.alloc(8)
+        pos = 0
+        for ident, text in enumerate(texts):
+            raw = text.encode()
+            begin, nxt = pos, (pos + 8 + len(raw) + 7) & ~7
+            self.mem.write_u64(data + begin, ident)
+            self.mem.write(data + begin + 8, raw)
+            d = descs + 24 * ident
+            self.mem.write_u64(d, (2 << 62) | ident)  # finalized
+            self.mem.write_u64(d + 8, begin)
+            self.mem.write_u64(d + 16, nxt)
+            rec = infos + 88 * ident
+            self.mem.write(rec, struct.pack("<QQH", ident, ident * 1_000_000, len(raw)))
+            pos = nxt
+        self.mem.write(rb, struct.pack("<IxxxxQQQQ", count_bits, self.kva(descs), self.kva(infos),
+                                       len(texts) - 1, 0))
+        self.mem.write(rb + 48, struct.pack("<IxxxxQQQ", size_bits, self.kva(data), pos, 0))
+        self.mem.write_u64(prb, self.kva(rb))
+        keys = {
+            "SYMBOL(prb)": f"{self.kva(prb):x}", "SIZE(printk_ringbuffer)": "88",
+            "OFFSET(printk_ringbuffer.desc_ring)": "0",
+            "OFFSET(printk_ringbuffer.text_data_ring)": "48",
+            "OFFSET(prb_desc_ring.count_bits)": "0", "OFFSET(prb_desc_ring.descs)": "8",
+            "OFFSET(prb_desc_ring.infos)": "16", "OFFSET(prb_desc_ring.head_id)": "24",
+            "OFFSET(prb_desc_ring.tail_id)": "32", "SIZE(prb_desc)": "24",
+            "OFFSET(prb_desc.state_var)": "0", "OFFSET(prb_desc.text_blk_lpos)": "8",
+            "OFFSET(prb_data_blk_lpos.begin)": "0", "OFFSET(prb_data_blk_lpos.next)": "8",
+            "SIZE(printk_info)": "88", "OFFSET(printk_info.seq)": "0",
+            "OFFSET(printk_info.ts_nsec)": "8", "OFFSET(printk_info.text_len)": "16",
+            "OFFSET(prb_data_ring.size_bits)": "0", "OFFSET(prb_data_ring.data)": "8",
+            "OFFSET(atomic_long_t.counter)": "0",
+        }
+        info.update(keys)
+
     def set_section(self, nr: int, flags: int) -> None:
         size = int(self.info["SIZE(mem_section)"])
         offset = int(self.info["OFFSET(mem_section.section_mem_map)"])
@@ -164,6 +246,7 @@ class Machine:
 
     def vmcoreinfo(self) -> str:
         info = dict(self.info)
+        self._write_log(info)
         info["SYMBOL(init_top_pgt)"] = f"{self.init_top_pgt_va:x}"
         info["NUMBER(phys_base)"] = str(self.phys_base)
         info["NUMBER(pgtable_l5_enabled)"] = "1" if self.five_level else "0"

@@ -14,8 +14,10 @@ ALLOWED: dict[str, set[str]] = {
     "vmcore": {"errors", "units", "vmcore"},
     "xlat": {"errors", "units", "vmcore", "xlat"},
     "mm": {"errors", "units", "vmcore", "xlat", "mm"},
-    "crash": {"errors", "units", "vmcore", "xlat"},
+    "crash": {"errors", "units", "vmcore", "xlat", "crash"},
     "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
+    "safety": {"errors", "units", "vmcore", "mm", "crash", "safety"},
+    "safeplan": {"errors", "units", "vmcore", "mm", "crash", "safety", "plan"},
     "oldmem": {"errors", "units", "oldmem"},
     "store": {"errors", "units", "oldmem", "store"},
 }

@@ -55,9 +55,18 @@ class ReusePolicy:
     withheld: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, dump_level: int, layout: PageLayout) -> ReusePolicy:
+    def build(
+        cls,
+        dump_level: int,
+        layout: PageLayout,
+        extra_withheld: dict[PageClass, str] | None = None,
+    ) -> ReusePolicy:
         classes = excluded_classes(dump_level)
         withheld: dict[str, str] = {}
+        for klass, why in (extra_withheld or {}).items():
+            if klass in classes:
+                classes.discard(klass)
+                withheld[klass.name.lower()] = why
         untrusted_hugetlb = layout.order_source == OrderSource.FLAGS1_PG_HUGETLB
         if untrusted_hugetlb and PageClass.USER_HUGETLB in classes:
             # makedumpfile issue #21: on 6.6..6.8 PG_hugetlb is set in folio._flags_1 of kernel

@@ -1,0 +1,80 @@
+"""The gate end to end on synthetic vmcores: what it cuts out of a plan, through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.synth.builder import Machine, template
+
+from kdumpd.cli import main
+from kdumpd.errors import RefusedError
+from kdumpd.plan import read_extents_file
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    m = Machine(template("6.1"))
+    buddy = int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"])
+    for head in range(0x8000, 0x10000, 0x400):
+        m.page(head, _mapcount=buddy, private=10)  # 128 MiB of free 4 MiB blocks
+    return m.write(tmp_path_factory.mktemp("g") / "vmcore")
+
+
+def _plan(core: Path, tmp_path: Path, *extra: str) -> tuple[int, list[tuple[int, int]]]:
+    out = tmp_path / "extents"
+    rc = main(["plan", str(core), "--extents", str(out), *extra])
+    if rc:
+        return rc, []
+    return rc, [(e.start_pfn, e.end_pfn) for e in read_extents_file(str(out))]
+
+
+def test_capture_kernel_ram_and_elfcorehdr_are_never_planned(core: Path, tmp_path: Path) -> None:
+    rc, full = _plan(core, tmp_path)
+    assert rc == 0 and full == [(0x8000, 0x10000)]
+    iomem = tmp_path / "iomem"
+    # A "malformed header" case: the PT_LOADs claim this RAM, the capture kernel owns it.
+    iomem.write_text("09000000-09ffffff : System RAM\n0c000000-0c3fffff : Persistent Memory\n")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("elfcorehdr=0xe000000 console=ttyS0\n")
+    rc, cut = _plan(core, tmp_path, "--host-iomem", str(iomem), "--host-cmdline", str(cmdline))
+    assert rc == 0
+    assert cut == [(0x8000, 0x9000), (0xA000, 0xC000), (0xC400, 0xE000), (0xE100, 0x10000)]
+
+
+def test_refusals_exit_non_zero_and_write_nothing(core: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    for collector in ("cp /proc/vmcore /tmp/x", "makedumpfile -d 1", "weird-tool"):
+        out = tmp_path / "never"
+        rc = main(["plan", str(core), "--extents", str(out), "--collector", collector])
+        assert rc == RefusedError.exit_code
+        assert not out.exists()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "rule 6" in err[0]
+
+
+def test_survey_reports_a_refusal_without_failing(core: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["survey", str(core), "--collector", "cp"]) == 0
+    out = capsys.readouterr().out
+    assert "reusable: none: refused by rule 6" in out
+    assert "Free pages" in out
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_hardware_error_in_the_log_refuses(tmp_path: Path, legacy: bool,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Rule 1 from both printk formats (lockless 5.10+, and the older record buffer)."""
+    m = Machine(template("6.1"))
+    m.page(0x8000, _mapcount=int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"]), private=10)
+    m.set_log(["Linux version 6.1.0", "mce: [Hardware Error]: CPU 1: Machine Check Exception",
+               "mce: [Hardware Error]: TSC 0 ADDR 8000123 MISC 0",
+               "Kernel panic - not syncing: Fatal machine check"], legacy=legacy)
+    core = m.write(tmp_path / "mce")
+    assert main(["dmesg", str(core)]) == 0
+    assert "Fatal machine check" in capsys.readouterr().out
+    rc, _ = _plan(core, tmp_path)
+    assert rc == RefusedError.exit_code
+    assert "rule 1" in capsys.readouterr().err
+    rc, ranged = _plan(core, tmp_path, "--mce-policy", "exclude-range")
+    assert rc == 0 and ranged == [(0x8200, 0x8400)]  # the 2 MiB around 0x8000123 is cut
