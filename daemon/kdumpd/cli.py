@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdumpd import __version__
+from kdumpd import __version__, daemon
 from kdumpd.errors import KdumpdError, RefusedError
 from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
 from kdumpd.safeplan import gated_plan, host_facts_here
@@ -197,7 +197,121 @@ def build_parser() -> argparse.ArgumentParser:
     dmesg = sub.add_parser("dmesg", help="print the crashed kernel's log from the vmcore")
     dmesg.add_argument("vmcore")
     dmesg.set_defaults(func=cmd_dmesg)
+
+    _add_serve_commands(sub)
     return parser
+
+
+# -- serve / status / stop -------------------------------------------------------------------
+
+# serve flag -> config key; every flag defaults to None so that only given flags override the
+# config file and the kernel command line (see kdumpd.config for the precedence).
+_SERVE_FLAGS = [
+    ("--backend", "backend", "image:FILE|devmem|vmcore|auto"),
+    ("--socket", "socket", "PATH"),
+    ("--copies", "copies", "N"),
+    ("--run-dir", "run_dir", "DIR"),
+    ("--as", "as", "swap|scratch|none"),
+    ("--mount", "mount", "DIR"),
+    ("--dump-level", "dump_level", "N"),
+    ("--size", "size", "BYTES|auto"),
+    ("--device", "device", "/dev/nbdN|auto"),
+    ("--report", "report", "PATH"),
+    ("--scrub-rate", "scrub_rate", "BYTES/s"),
+    ("--swap-priority", "swap_priority", "N"),
+    ("--fstype", "fstype", "ext4|ext2|xfs"),
+    ("--threads", "threads", "N"),
+    ("--min-distance", "min_distance", "BYTES"),
+    ("--status-interval", "status_interval", "SECONDS"),
+    ("--log-level", "log_level", "LEVEL"),
+    ("--nbdkit", "nbdkit", "PATH"),
+]
+
+
+def _serve_flags(args: argparse.Namespace) -> dict[str, str]:
+    flags = {key: str(getattr(args, key)) for _, key, _ in _SERVE_FLAGS
+             if getattr(args, key, None) is not None}
+    if getattr(args, "vmcore", None) is not None:
+        flags["vmcore"] = args.vmcore
+    for key in ("attach", "protect"):
+        if getattr(args, key, None) is not None:
+            flags[key] = "yes" if getattr(args, key) else "no"
+    if args.debug and "log_level" not in flags:
+        flags["log_level"] = "debug"
+    return flags
+
+
+def _serve_config(args: argparse.Namespace) -> daemon.Config:
+    return daemon.load_serve_config(_serve_flags(args), config_path=args.config,
+                                    cmdline_path=args.kernel_cmdline)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return daemon.serve(_serve_config(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = daemon.read_status(_serve_config(args).run_dir)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0 if st["running"] else 1
+    i = st["integrity"]
+    use = {"swap": " as swap", "scratch": f" on {st.get('mounted')}"}.get(st.get("as") or "", "")
+    print(f"kdumpd: {st['state']} (pid {st['daemon_pid']}, nbdkit {st['nbdkit_pid']})")
+    print(f"  socket     {st['socket']}")
+    print(f"  device     {st['device'] or 'not attached'}{use}")
+    print(f"  backend    {st['backend']}")
+    print(f"  copies     {st['copies']}")
+    print(f"  size       {_fmt_bytes(st['size_bytes'] or 0)}")
+    print(f"  capacity   {_fmt_bytes(st['capacity_bytes'] or 0)}")
+    print(f"  used       {_fmt_bytes(st['used_bytes'] or 0)}")
+    print(f"  integrity  detected {i['detected']}, repaired {i['repaired']}, quarantined "
+          f"{i['quarantined']}, lost {i['lost']} (relocated {i['relocated']}, scrubbed "
+          f"{i['scrubbed_blocks']} blocks)")
+    rss = st["rss_bytes"]
+    print(f"  memory     daemon {_fmt_bytes(rss['daemon'])}, nbdkit {_fmt_bytes(rss['nbdkit'])} "
+          f"RSS; {_fmt_bytes(st['locked_bytes'] or 0)} locked")
+    return 0 if st["running"] else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    print(daemon.stop(_serve_config(args).run_dir, timeout=args.timeout))
+    return 0
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="configuration file (default /etc/kdumpd.conf, may be absent)")
+    parser.add_argument("--kernel-cmdline", metavar="FILE", default="/proc/cmdline",
+                        help="where to read kdumpd.*= parameters (default /proc/cmdline)")
+    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", default=None,
+                        help="run directory (default /run/kdumpd)")
+
+
+def _add_serve_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve old memory as an NBD device (foreground)")
+    serve.add_argument("vmcore", nargs="?", default=None,
+                       help="the crashed kernel's dump (default /proc/vmcore)")
+    _add_config_options(serve)
+    for flag, key, metavar in _SERVE_FLAGS:
+        if key == "run_dir":
+            continue
+        serve.add_argument(flag, dest=key, metavar=metavar, default=None)
+    serve.add_argument("--attach", action=argparse.BooleanOptionalAction, default=None,
+                       help="attach /dev/nbdX with nbd-client (needs root)")
+    serve.add_argument("--protect", action=argparse.BooleanOptionalAction, default=None,
+                       help="mlockall, PR_SET_IO_FLUSHER, oom_score_adj -1000 (default on)")
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="capacity, use and integrity of the running daemon")
+    _add_config_options(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    stop = sub.add_parser("stop", help="tear down: swapoff/umount, disconnect, stop nbdkit")
+    _add_config_options(stop)
+    stop.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    stop.set_defaults(func=cmd_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,621 @@
+"""The lifecycle of ``kdumpd serve``: plan -> self-test -> nbdkit -> attach -> READY -> SIGTERM
+-> teardown, and ``kdumpd status`` / ``kdumpd stop`` over the run directory.
+
+Everything that can refuse (the plan, the placement, the backend's own checks, the self-test)
+runs before nbdkit starts, so a refusal is one line and a non-zero exit before the first write
+to old memory. Signals become exceptions (borg-style), so SIGTERM runs the same teardown as any
+failure: swapoff/umount, nbd-client -d, stop nbdkit, write the report.
+
+Run directory (mode 0700, default /run/kdumpd)::
+
+    kdumpd.pid    the daemon's pid, flock()ed while it serves (one daemon per directory)
+    runconf.json  what the plugin serves (kdumpd.nbd.runconf)
+    state.json    pids, socket, device, swap/mount: what ``stop`` must undo
+    status.json   the plugin's counters, rewritten atomically every second
+    error.json    the plugin's startup failure, if any
+    report.json   the post-mortem report (also written to the configured ``report`` path)
+    kdumpd.sock   the NBD socket (mode 0600), unless --socket says otherwise
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kdumpd import __version__
+from kdumpd.config import DEFAULT_PATH as DEFAULT_CONFIG_PATH
+from kdumpd.config import Config, human_size, load_config
+from kdumpd.errors import (
+    BackendError,
+    KdumpdError,
+    NotRunningError,
+    RefusedError,
+    ServeError,
+)
+from kdumpd.journal import notify, setup_logging
+from kdumpd.nbd import server
+from kdumpd.nbd.protect import protect_process
+from kdumpd.nbd.runconf import RunConf, atomic_write_json, read_json
+from kdumpd.nbd.selftest import run_selftest
+from kdumpd.nbd.service import open_backend, process_rss, store_capacity
+from kdumpd.oldmem.base import drop_contained
+from kdumpd.oldmem.vmcore_rw import VmcoreRW
+from kdumpd.plan import Plan
+from kdumpd.safeplan import gated_plan, host_facts_here
+from kdumpd.store.placement import Placement
+from kdumpd.units import PhysRange
+from kdumpd.vmcore.core import Vmcore, open_vmcore
+
+__all__ = [
+    "Config",
+    "Prepared",
+    "load_serve_config",
+    "plan_for_serve",
+    "prepare",
+    "read_status",
+    "serve",
+    "stop",
+]
+
+log = logging.getLogger(__name__)
+
+PROC_VMCORE = "/proc/vmcore"
+_STATUS_EVERY = 5.0  # seconds between STATUS= updates to systemd
+
+
+class _Terminate(BaseException):
+    """SIGTERM/SIGINT/SIGHUP, raised in the main thread so teardown runs normally."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# -- planning: the one function the safety gate wraps ---------------------------------------
+
+
+def plan_for_serve(vm: Vmcore, cfg: Config) -> Plan:
+    """The plan ``serve`` uses, behind the safety gate (collector and its dump level, hardware
+    memory errors, the capture kernel's own ranges, ...): a Plan, or RefusedError naming the
+    rule. Every path to old memory plans through here.
+
+    The dump level: an explicit ``dump_level`` (flag, kernel command line or config file)
+    stands for ``makedumpfile -d N``; otherwise the gate reads the collector from the kdump
+    configuration (default ``makedumpfile -d 31``).
+    """
+    collector = None
+    if cfg.sources.get("dump_level", "default") != "default":
+        collector = f"makedumpfile -d {cfg.dump_level}"
+    gated = gated_plan(vm, collector=collector, host=host_facts_here(Path(cfg.vmcore)))
+    return gated.plan
+
+
+# -- preparation: everything that can refuse, before nbdkit -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The outcome of :func:`prepare`: the plan, and the run configuration written for the
+    plugin."""
+
+    plan: Plan
+    runconf: RunConf
+    runconf_path: str
+    capacity_bytes: int
+    selftests: int
+
+
+def _package_dir() -> str:
+    import kdumpd
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(kdumpd.__file__)))
+
+
+def _resolve_backend(cfg: Config) -> str:
+    spec = cfg.backend
+    if spec.startswith("image:"):
+        path = os.path.abspath(spec[len("image:") :])
+        if os.path.realpath(path) == os.path.realpath(PROC_VMCORE):
+            raise RefusedError("backend image:/proc/vmcore: use --backend vmcore")
+        return f"image:{path}"
+    if spec == "vmcore":
+        if os.path.realpath(cfg.vmcore) != PROC_VMCORE:
+            raise RefusedError(
+                f"backend vmcore writes into {cfg.vmcore} itself (rule: the vmcore backend is "
+                "/proc/vmcore only; use image:FILE for a file)")
+        return f"vmcore:{PROC_VMCORE}"
+    if spec == "devmem":
+        return "devmem"
+    # auto: writable /proc/vmcore if this kernel has it, else /dev/mem (which refuses outside
+    # a kdump kernel).
+    if os.path.realpath(cfg.vmcore) == PROC_VMCORE and os.path.exists(PROC_VMCORE):
+        return f"vmcore:{PROC_VMCORE}"
+    return "devmem"
+
+
+def _probe_auto(spec: str, cfg: Config, ranges: tuple[PhysRange, ...], plan: Plan) -> str:
+    # "auto" picked vmcore: fall back to devmem if this kernel's /proc/vmcore is read-only.
+    if cfg.backend != "auto" or not spec.startswith("vmcore:"):
+        return spec
+    try:
+        VmcoreRW(ranges, probe_paddr=plan.extents[0].start_paddr).close()
+        return spec
+    except BackendError as exc:
+        log.info("backend: %s; using /dev/mem", exc)
+        return "devmem"
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Plan, self-test, check placement and backend, and write ``runconf.json``.
+
+    Nothing is written to old memory (the vmcore backend's probe rewrites one granted page with
+    its own bytes). Every refusal raises here, before nbdkit exists.
+    """
+    run_dir = cfg.run_dir
+    _make_run_dir(run_dir)
+    with open_vmcore(cfg.vmcore) as vm:
+        plan = plan_for_serve(vm, cfg)
+        ranges = tuple(drop_contained(vm.phys.ranges))
+    if not plan.extents:
+        raise RefusedError(f"the plan grants no old memory at dump level {plan.dump_level} "
+                           "(rule: write only inside the plan)")
+    selftests = run_selftest(cfg.copies, run_dir)
+    log.info("self-test: %d checks passed", selftests)
+    placement = Placement.from_extents(plan.extents, cfg.copies,
+                                       min_distance_bytes=int(cfg["min_distance"]))
+    capacity = store_capacity(placement)
+    if capacity <= 0:
+        raise RefusedError(f"the plan's {plan.reusable_bytes} bytes hold no block at "
+                           f"{cfg.copies} copies")
+    size = cfg.size or capacity
+    if cfg.size and cfg.size > capacity:
+        log.warning("size %s exceeds the capacity %s at %d copies: writes past it get ENOSPC",
+                    human_size(cfg.size), human_size(capacity), cfg.copies)
+    spec = _probe_auto(_resolve_backend(cfg), cfg, ranges, plan)
+    open_backend(spec, ranges, plan.extents).close()  # refusals happen here, before nbdkit
+    summary = plan_summary(plan)
+    rc = RunConf(
+        run_dir=os.path.abspath(run_dir),
+        package_dir=_package_dir(),
+        backend=spec,
+        extents=plan.extents,
+        ranges=ranges,
+        copies=cfg.copies,
+        size_bytes=size,
+        min_distance_bytes=int(cfg["min_distance"]),
+        scrub_rate=int(cfg["scrub_rate"]),
+        status_interval=float(cfg["status_interval"]),
+        protect=bool(cfg["protect"]),
+        log_level=str(cfg["log_level"]),
+        plan_summary=summary,
+    )
+    path = os.path.join(run_dir, "runconf.json")
+    rc.write(path)
+    log.info("plan: %s reusable in %d extents at dump level %d; device %s at %d copies "
+             "(capacity %s); backend %s", human_size(plan.reusable_bytes), len(plan.extents),
+             plan.dump_level, human_size(size), cfg.copies, human_size(capacity), spec)
+    return Prepared(plan, rc, path, capacity, selftests)
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    return {
+        "osrelease": plan.osrelease,
+        "dump_level": plan.dump_level,
+        "reusable_pages": plan.reusable_pages,
+        "reusable_bytes": plan.reusable_bytes,
+        "extents": len(plan.extents),
+        "extent_list": [f"{e.start_pfn:#x}-{e.end_pfn:#x}" for e in plan.extents],
+        "categories": plan.categories,
+        "withheld": plan.withheld,
+    }
+
+
+def _make_run_dir(run_dir: str) -> None:
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: str) -> Iterator[None]:
+    path = os.path.join(run_dir, "kdumpd.pid")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            other = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise ServeError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+class _Serving:
+    """What has been set up so far, so teardown undoes exactly that, in reverse."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.nbdkit: server.Nbdkit | None = None
+        self.device: str | None = None
+        self.swap_on = False
+        self.mounted: str | None = None
+        self.prepared: Prepared | None = None
+        self.started = time.time()
+        self.errors: list[str] = []
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.cfg.run_dir, "state.json")
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_path, {
+            "daemon_pid": os.getpid(),
+            "nbdkit_pid": self.nbdkit.pid if self.nbdkit else None,
+            "socket": os.path.abspath(self.cfg.socket),
+            "device": self.device,
+            "as": self.cfg.use_as,
+            "swap_on": self.swap_on,
+            "mounted": self.mounted,
+            "report": self.cfg["report"],
+            "started": round(self.started, 3),
+            "version": __version__,
+        })
+
+    def teardown(self) -> None:
+        for what, step in (("swapoff", self._swapoff), ("umount", self._umount),
+                           ("detach", self._detach), ("nbdkit", self._stop_nbdkit)):
+            try:
+                step()
+            except KdumpdError as exc:
+                log.error("teardown %s: %s", what, exc)
+                self.errors.append(f"{what}: {exc}")
+
+    def _swapoff(self) -> None:
+        if self.swap_on and self.device:
+            server.swapoff(self.device)
+            self.swap_on = False
+
+    def _umount(self) -> None:
+        if self.mounted:
+            server.unmount(self.mounted)
+            self.mounted = None
+
+    def _detach(self) -> None:
+        if self.device:
+            server.detach(self.device)
+            self.device = None
+
+    def _stop_nbdkit(self) -> None:
+        if self.nbdkit is not None:
+            rc = self.nbdkit.stop()
+            if rc not in (0, None, -signal.SIGTERM):
+                self.errors.append(f"nbdkit exited with status {rc}")
+
+
+def _install_signals() -> dict[int, Any]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminate(signum)
+
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _defer_signals() -> None:
+    # During teardown a second SIGTERM must not abandon swapoff half-way: note it and go on.
+    def note(signum: int, frame: FrameType | None) -> None:
+        log.warning("%s during teardown: finishing teardown first", signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, note)
+
+
+def serve(cfg: Config) -> int:
+    """Run ``kdumpd serve`` in the foreground until SIGTERM; the exit status."""
+    where = setup_logging(str(cfg["log_level"]))
+    log.debug("logging to %s", where)
+    _make_run_dir(cfg.run_dir)
+    old_handlers = _install_signals()
+    try:
+        with _run_dir_lock(cfg.run_dir):
+            return _serve_locked(cfg)
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+
+
+def _serve_locked(cfg: Config) -> int:
+    s = _Serving(cfg)
+    rc = 0
+    try:
+        try:
+            s.prepared = prepare(cfg)
+            _start(s)
+            _wait(s)
+        except _Terminate as sig:
+            log.info("%s: stopping", sig)
+            notify(stopping=True, status="stopping")
+        finally:
+            _defer_signals()
+            s.teardown()
+            _finish(s)
+    except _Terminate:  # a signal in the few instructions before _defer_signals
+        s.teardown()
+    if s.errors:
+        log.error("teardown incomplete: %s", "; ".join(s.errors))
+        rc = ServeError.exit_code
+    return rc
+
+
+def _start(s: _Serving) -> None:
+    cfg = s.cfg
+    assert s.prepared is not None
+    attach = cfg.attach
+    protections = protect_process() if cfg["protect"] else {}
+    log.debug("daemon protections: %s", protections)
+    sock = os.path.abspath(cfg.socket)
+    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+    argv = server.nbdkit_argv(
+        runconf=s.prepared.runconf_path, socket=sock, nbdkit=str(cfg["nbdkit"]),
+        # mlockall whenever the kernel's own I/O (swap-out, writeback) will depend on nbdkit.
+        swap=attach and bool(cfg["protect"]), threads=int(cfg["threads"]),
+        # Detached, nbdkit goes with the daemon; attached, the kernel's I/O depends on it, so
+        # it outlives a killed daemon until `kdumpd stop` tears down in order.
+        exit_with_parent=not attach,
+        verbose=cfg["log_level"] == "debug",
+    )
+    s.nbdkit = server.Nbdkit(argv, sock, s.prepared.runconf.status_path,
+                             s.prepared.runconf.error_path)
+    s.nbdkit.start()
+    s.save_state()
+    log.info("nbdkit %d serving %s on %s", s.nbdkit.pid,
+             human_size(s.prepared.runconf.size_bytes), sock)
+    if attach:
+        server.modprobe_nbd()
+        device = cfg["device"] if cfg["device"] != "auto" else server.find_free_nbd()
+        server.attach(sock, device, swap=cfg.use_as == "swap")
+        s.device = device
+        s.save_state()
+        if cfg.use_as == "swap":
+            server.make_swap(device, int(cfg["swap_priority"]))
+            s.swap_on = True
+        elif cfg.use_as == "scratch":
+            server.make_scratch(device, cfg.mount, str(cfg["fstype"]))
+            s.mounted = cfg.mount
+        s.save_state()
+        log.info("%s attached%s", device, {"swap": " as swap", "scratch": f" on {cfg.mount}"}
+                 .get(cfg.use_as, ""))
+    write_report(s, "serving")
+    notify(ready=True, status=_status_line(s))
+
+
+def _wait(s: _Serving) -> None:
+    assert s.nbdkit is not None
+    last = time.monotonic()
+    while True:
+        time.sleep(0.2)
+        if not s.nbdkit.alive():
+            rc = s.nbdkit.proc.returncode if s.nbdkit.proc else None
+            raise ServeError(f"nbdkit exited unexpectedly with status {rc}")
+        now = time.monotonic()
+        if now - last >= _STATUS_EVERY:
+            last = now
+            notify(status=_status_line(s))
+
+
+def _finish(s: _Serving) -> None:
+    if s.prepared is None:
+        return
+    write_report(s, "stopped")
+    for name in ("state.json", "runconf.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(s.cfg.run_dir, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.abspath(s.cfg.socket))
+
+
+def _plugin_status(run_dir: str) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = read_json(os.path.join(run_dir, "status.json"))
+        return doc
+    except KdumpdError:
+        return {}
+
+
+def _status_line(s: _Serving) -> str:
+    st = _plugin_status(s.cfg.run_dir)
+    where = s.device or os.path.abspath(s.cfg.socket)
+    use = {"swap": " as swap", "scratch": f" on {s.cfg.mount}"}.get(s.cfg.use_as, "")
+    integ = st.get("integrity", {})
+    return (f"serving {human_size(int(st.get('size_bytes', 0)))} ({st.get('copies', '?')} "
+            f"copies) on {where}{use}; used {human_size(int(st.get('used_bytes', 0)))}; "
+            f"repaired {integ.get('repaired', 0)}, lost {integ.get('lost', 0)}")
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def write_report(s: _Serving, state: str) -> list[str]:
+    """Write the JSON report to the run directory and to the configured ``report`` path;
+    return the paths written."""
+    assert s.prepared is not None
+    st = _plugin_status(s.cfg.run_dir)
+    doc = {
+        "kdumpd": __version__,
+        "state": state,
+        "started": round(s.started, 3),
+        "time": round(time.time(), 3),
+        "plan": s.prepared.runconf.plan_summary,
+        "backend": s.prepared.runconf.backend,
+        "copies": s.cfg.copies,
+        "size_bytes": s.prepared.runconf.size_bytes,
+        "capacity_bytes": st.get("capacity_bytes", s.prepared.capacity_bytes),
+        "used_bytes": st.get("used_bytes", 0),
+        "device": s.device,
+        "as": s.cfg.use_as,
+        "integrity": st.get("integrity", {}),
+        "requests": st.get("requests", {}),
+        "scrub": st.get("scrub", {}),
+        "repairs": st.get("events", []),
+        "protections": st.get("protections", {}),
+        "selftests": s.prepared.selftests,
+        "config": s.cfg.to_json(),
+        "teardown_errors": s.errors,
+    }
+    written = []
+    targets = [os.path.join(s.cfg.run_dir, "report.json")]
+    if s.cfg["report"]:
+        targets.append(str(s.cfg["report"]))
+    for path in targets:
+        try:
+            atomic_write_json(path, doc, mode=0o644)
+            written.append(path)
+        except OSError as exc:
+            log.warning("cannot write report %s: %s", path, exc.strerror)
+    return written
+
+
+# -- status and stop --------------------------------------------------------------------------
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_state(run_dir: str) -> dict[str, Any]:
+    path = os.path.join(run_dir, "state.json")
+    if not os.path.exists(path):
+        hint = ""
+        if os.path.exists(os.path.join(run_dir, "report.json")):
+            hint = f" (last report: {os.path.join(run_dir, 'report.json')})"
+        raise NotRunningError(f"kdumpd is not running in {run_dir}{hint}")
+    doc: dict[str, Any] = read_json(path)
+    return doc
+
+
+def read_status(run_dir: str) -> dict[str, Any]:
+    """The running daemon's status: capacity, used, copies, integrity counters, processes."""
+    state = _read_state(run_dir)
+    st = _plugin_status(run_dir)
+    daemon_up = _alive(state.get("daemon_pid"))
+    nbdkit_up = _alive(state.get("nbdkit_pid"))
+    if not daemon_up and not nbdkit_up:
+        raise NotRunningError(f"kdumpd is not running in {run_dir} (stale state: "
+                              f"`kdumpd stop --run-dir {run_dir}` cleans up)")
+    age = time.time() - float(st.get("time", 0) or 0)
+    integ = st.get("integrity", {})
+    return {
+        "running": daemon_up and nbdkit_up and st.get("state") == "serving",
+        "state": st.get("state", "starting"),
+        "status_age_s": round(age, 1),
+        "daemon_pid": state.get("daemon_pid"),
+        "nbdkit_pid": state.get("nbdkit_pid"),
+        "socket": state.get("socket"),
+        "device": state.get("device"),
+        "as": state.get("as"),
+        "mounted": state.get("mounted"),
+        "backend": st.get("backend"),
+        "copies": st.get("copies"),
+        "size_bytes": st.get("size_bytes"),
+        "capacity_bytes": st.get("capacity_bytes"),
+        "used_bytes": st.get("used_bytes"),
+        "free_bytes": st.get("free_bytes"),
+        "integrity": {k: integ.get(k, 0) for k in
+                      ("detected", "repaired", "quarantined", "lost", "relocated",
+                       "scrubbed_blocks")},
+        "requests": st.get("requests", {}),
+        "scrub": st.get("scrub", {}),
+        "rss_bytes": {
+            "daemon": process_rss(state["daemon_pid"]) if daemon_up else 0,
+            "nbdkit": process_rss(state["nbdkit_pid"]) if nbdkit_up else 0,
+        },
+        "locked_bytes": st.get("locked_bytes", 0),
+        "protections": st.get("protections", {}),
+    }
+
+
+def stop(run_dir: str, timeout: float = 600.0) -> str:
+    """Stop the daemon (SIGTERM; it tears down itself) and wait; if the daemon is gone but
+    left state behind, undo it here. Returns a one-line summary."""
+    state = _read_state(run_dir)
+    pid = state.get("daemon_pid")
+    if isinstance(pid, int) and _alive(pid) and pid != os.getpid():
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise ServeError(f"kdumpd (pid {pid}) did not stop in {timeout:.0f} s")
+            time.sleep(0.05)
+        return f"stopped kdumpd (pid {pid})"
+    # The daemon died without its teardown: undo what state.json says is set up.
+    errors = []
+    steps: list[tuple[str, Any]] = []
+    if state.get("swap_on") and state.get("device"):
+        steps.append(("swapoff", lambda: server.swapoff(state["device"])))
+    if state.get("mounted"):
+        steps.append(("umount", lambda: server.unmount(state["mounted"])))
+    if state.get("device"):
+        steps.append(("detach", lambda: server.detach(state["device"])))
+    for what, step in steps:
+        try:
+            step()
+        except KdumpdError as exc:
+            errors.append(f"{what}: {exc}")
+    npid = state.get("nbdkit_pid")
+    if isinstance(npid, int) and _alive(npid):
+        os.kill(npid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(npid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for name in ("state.json", "runconf.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(run_dir, name))
+    if state.get("socket"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state["socket"])
+    if errors:
+        raise ServeError("stale kdumpd cleaned up with errors: " + "; ".join(errors))
+    return f"cleaned up after kdumpd (pid {pid}), which had died"
+
+
+
+def load_serve_config(
+    flags: dict[str, str],
+    *,
+    config_path: str | None = None,
+    cmdline_path: str = "/proc/cmdline",
+) -> Config:
+    """The configuration for serve/status/stop: defaults < config file < kernel command line <
+    flags. An explicit ``config_path`` must exist; the default one may be absent."""
+    return load_config(
+        flags,
+        path=config_path or DEFAULT_CONFIG_PATH,
+        path_required=config_path is not None,
+        cmdline_path=cmdline_path,
+    )

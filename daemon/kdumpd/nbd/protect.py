@@ -1,0 +1,79 @@
+"""Protections against the NBD swap deadlock for a process on the device's I/O path.
+
+When the kernel swaps to (or writes back a filesystem on) /dev/nbdX, the server must answer
+without needing memory that only that very I/O could free. Per process:
+
+- ``mlockall(MCL_CURRENT | MCL_FUTURE)``: nbdkit does this itself with ``--swap``; nbd-client
+  with ``-swap``;
+- ``prctl(PR_SET_IO_FLUSHER, 1)`` (Linux 5.6, CAP_SYS_RESOURCE): the kernel marks the task
+  PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE, so its own allocations never recurse into I/O;
+  inherited across fork and kept across execve, so setting it in the daemon before it starts
+  nbdkit covers nbdkit and nbd-client too;
+- ``oom_score_adj = -1000``: the OOM killer never picks it (inherited as well).
+
+Each step is best effort and reported: ``{"io_flusher": "on", "oom_score_adj": "-1000", ...}``
+or the reason it could not be applied (not root, old kernel). Nothing here is per request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+
+__all__ = ["MCL_CURRENT", "MCL_FUTURE", "PR_SET_IO_FLUSHER", "mlockall", "protect_process"]
+
+log = logging.getLogger(__name__)
+
+PR_SET_IO_FLUSHER = 57
+PR_GET_IO_FLUSHER = 58
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _set_io_flusher() -> str:
+    libc = _libc()
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        return f"failed: {os.strerror(err)}" + (" (needs CAP_SYS_RESOURCE)"
+                                                if err == errno.EPERM else "")
+    return "on" if libc.prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1 else "set"
+
+
+def _set_oom_score_adj(value: int) -> str:
+    try:
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as fh:
+            fh.write(str(value))
+        with open("/proc/self/oom_score_adj", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        return f"failed: {exc.strerror}"
+
+
+def mlockall() -> str:
+    """Lock every current and future page of this process into RAM."""
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        return f"failed: {os.strerror(ctypes.get_errno())}"
+    return "on"
+
+
+def protect_process(*, lock_memory: bool = False) -> dict[str, str]:
+    """Apply the protections to this process (and, by inheritance, its future children)."""
+    done = {
+        "io_flusher": _set_io_flusher(),
+        "oom_score_adj": _set_oom_score_adj(-1000),
+    }
+    if lock_memory:
+        done["mlockall"] = mlockall()
+    for what, result in done.items():
+        if result.startswith("failed"):
+            log.warning("protection %s not applied: %s", what, result)
+        else:
+            log.debug("protection %s: %s", what, result)
+    return done

@@ -1,0 +1,257 @@
+"""The store as nbdkit serves it: backend, placement, store, scrubber and the status file.
+
+:class:`Service` is what the plugin holds. It is built in nbdkit's ``get_ready`` (before any
+connection; a failure there makes nbdkit exit and is written to ``error.json`` for the daemon),
+its threads start in ``after_fork`` (nbdkit kills threads made before a fork), and it stops in
+``cleanup``. Per request there is nothing here: the plugin calls the store's bound methods.
+
+Threads, all daemon threads inside nbdkit:
+
+- ``kdumpd-scrub``: :class:`~kdumpd.store.scrub.Scrubber` at ``scrub_rate`` bytes/s;
+- ``kdumpd-status``: writes ``status.json`` atomically every ``status_interval`` seconds
+  (and once more, with ``state: stopped``, at cleanup).
+
+Store warnings and errors (repairs, quarantines, lost blocks) are also kept, bounded, in the
+status file's ``events`` so the post-mortem report can show what was repaired.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from kdumpd.errors import ConfigError, IntegrityError, KdumpdError, RefusedError
+from kdumpd.nbd.runconf import RunConf, atomic_write_json
+from kdumpd.oldmem.base import OldMem, identity_ranges
+from kdumpd.oldmem.devmem import DevMem
+from kdumpd.oldmem.image import ImageOldMem
+from kdumpd.oldmem.vmcore_rw import VmcoreRW
+from kdumpd.store.blockstore import BlockStore
+from kdumpd.store.placement import Placement
+from kdumpd.store.scrub import Scrubber
+from kdumpd.units import Extent, PhysRange
+
+__all__ = [
+    "EventLog", "Service", "errno_for", "open_backend", "process_rss", "store_capacity",
+    "write_error",
+]
+
+log = logging.getLogger(__name__)
+
+_MAX_EVENTS = 200
+
+
+def open_backend(spec: str, ranges: tuple[PhysRange, ...], extents: tuple[Extent, ...]) -> OldMem:
+    """Open a resolved backend: ``image:FILE`` (at the PT_LOAD offsets), ``devmem`` (only the
+    granted extents, identity-mapped) or ``vmcore:PATH`` (writable /proc/vmcore, probed on the
+    first granted page). Refusals and failures raise before anything is written."""
+    if spec.startswith("image:"):
+        return ImageOldMem(spec[len("image:") :], ranges)
+    if spec == "devmem":
+        return DevMem(identity_ranges(extents))
+    if spec.startswith("vmcore:"):
+        if not extents:
+            raise RefusedError("vmcore backend: the plan grants no old memory")
+        return VmcoreRW(ranges, probe_paddr=extents[0].start_paddr, path=spec[len("vmcore:") :])
+    raise ConfigError(f"backend {spec!r} is not image:FILE, devmem or vmcore:PATH")
+
+
+def store_capacity(placement: Placement) -> int:
+    """Bytes a store over ``placement`` can hold (groups less the spares), as BlockStore
+    computes it, without allocating a store."""
+    ngroups = placement.ngroups
+    spares = max(1, min(1024, ngroups // 256)) if ngroups > 1 else 0
+    return (ngroups - spares) * 4096
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno an NBD client should see for ``exc`` (docs/store.md, "Errors")."""
+    if isinstance(exc, IntegrityError | RefusedError):
+        return errno.EIO
+    if isinstance(exc, OSError) and exc.errno:  # BackendError is an OSError
+        return int(exc.errno)
+    if isinstance(exc, ValueError):
+        return errno.EINVAL
+    if isinstance(exc, MemoryError):
+        return errno.ENOMEM
+    return errno.EIO
+
+
+def process_rss(pid: int | str = "self") -> int:
+    """Resident set size of a process in bytes (0 if unknown)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _locked_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class EventLog(logging.Handler):
+    """Keeps the last store warnings and errors (repairs, quarantines, losses) for the report."""
+
+    def __init__(self, maxlen: int = _MAX_EVENTS) -> None:
+        super().__init__(logging.WARNING)
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a bad format must never break the I/O path
+            msg = str(record.msg)
+        self.count += 1
+        self._events.append({"time": round(record.created, 3), "level": record.levelname,
+                             "message": msg})
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return list(self._events)
+
+
+class Service:
+    """The block store over old memory plus its background threads and status file."""
+
+    def __init__(self, rc: RunConf, *, protections: dict[str, str] | None = None) -> None:
+        self.rc = rc
+        self.protections = dict(protections or {})
+        self.started = time.time()
+        self.events = EventLog()
+        logging.getLogger("kdumpd.store").addHandler(self.events)
+        self.placement = Placement.from_extents(
+            rc.extents, rc.copies, min_distance_bytes=rc.min_distance_bytes
+        )
+        self.backend = open_backend(rc.backend, rc.ranges, rc.extents)
+        try:
+            self.store = BlockStore(self.backend, self.placement, size_bytes=rc.size_bytes)
+        except BaseException:
+            self.backend.close()
+            raise
+        self.scrubber = (Scrubber(self.store, rate_bytes_per_s=rc.scrub_rate)
+                         if rc.scrub_rate > 0 else None)
+        self._stop = threading.Event()
+        self._status_thread: threading.Thread | None = None
+        self._status_lock = threading.Lock()
+        self._closed = False
+        stats = self.store.stats()
+        if rc.size_bytes > stats.capacity_bytes:
+            log.warning("device is %d MiB but old memory holds only %d MiB at %d copies: writes "
+                        "past that fail with ENOSPC", rc.size_bytes >> 20,
+                        stats.capacity_bytes >> 20, rc.copies)
+
+    @classmethod
+    def from_runconf(cls, path: str, *, protections: dict[str, str] | None = None) -> Service:
+        return cls(RunConf.read(path), protections=protections)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scrubber and the status writer (call after nbdkit has forked)."""
+        if self.scrubber is not None:
+            self.scrubber.start()
+        self.write_status("serving")
+        self._status_thread = threading.Thread(target=self._status_loop, name="kdumpd-status",
+                                               daemon=True)
+        self._status_thread.start()
+
+    def stop(self) -> None:
+        """Stop the threads, flush, write the final status, close the backend. Idempotent."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self.scrubber is not None:
+            self.scrubber.stop()
+        if self._status_thread is not None:
+            self._status_thread.join(5.0)
+        try:
+            self.store.flush()
+        except KdumpdError as exc:
+            log.error("flush at stop failed: %s", exc)
+        self.write_status("stopped")
+        self._closed = True
+        logging.getLogger("kdumpd.store").removeHandler(self.events)
+        self.backend.close()
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self.rc.status_interval):
+            try:
+                self.write_status("serving")
+            except Exception as exc:  # keep serving whatever the status file does
+                log.warning("cannot write %s: %s", self.rc.status_path, exc)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self, state: str) -> dict[str, Any]:
+        s = self.store.stats()
+        scrub: dict[str, Any] = {"rate_bytes_per_s": self.rc.scrub_rate}
+        if self.scrubber is not None:
+            r = self.scrubber.report()
+            scrub.update(passes=r.passes, blocks_checked=r.blocks_checked,
+                         bytes_read=r.bytes_read, blocks_repaired=r.blocks_repaired,
+                         blocks_lost=r.blocks_lost)
+        return {
+            "state": state,
+            "pid": os.getpid(),
+            "time": round(time.time(), 3),
+            "started": round(self.started, 3),
+            "backend": self.rc.backend,
+            "copies": s.copies,
+            "size_bytes": s.size_bytes,
+            "capacity_bytes": s.capacity_bytes,
+            "used_bytes": s.used_blocks * 4096,
+            "free_bytes": s.free_bytes,
+            "metadata_bytes": s.metadata_bytes,
+            "placement": self.placement.describe(),
+            "min_distance_bytes": self.placement.min_distance_bytes,
+            "integrity": {
+                "detected": s.corruptions_detected,
+                "repaired": s.repaired,
+                "quarantined": s.quarantined_slots,
+                "relocated": s.relocations,
+                "lost": s.lost_blocks,
+                "scrubbed_blocks": s.scrubbed_blocks,
+            },
+            "requests": {
+                "reads": s.reads, "writes": s.writes, "trims": s.trims, "zeroes": s.zeroes,
+                "blocks_read": s.blocks_read, "blocks_written": s.blocks_written,
+            },
+            "scrub": scrub,
+            "rss_bytes": process_rss(),
+            "locked_bytes": _locked_bytes(),
+            "protections": self.protections,
+            "events": self.events.snapshot(),
+            "events_total": self.events.count,
+        }
+
+    def write_status(self, state: str) -> None:
+        with self._status_lock:
+            atomic_write_json(self.rc.status_path, self.status(state))
+
+
+def write_error(path: str, exc: BaseException) -> None:
+    """Record a startup failure for the daemon: class name, one-line message, exit code."""
+    code = exc.exit_code if isinstance(exc, KdumpdError) else 1
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        atomic_write_json(path, {"class": type(exc).__name__, "message": msg,
+                                 "exit_code": code})
+    except OSError as err:
+        log.error("cannot write %s: %s", path, err)
+

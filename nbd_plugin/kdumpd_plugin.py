@@ -1,0 +1,262 @@
+"""nbdkit python plugin: kdumpd's block store over old memory, as an NBD export.
+
+    nbdkit [--swap] -U SOCKET python kdumpd_plugin.py runconf=RUN_DIR/runconf.json [pkgdir=DIR]
+
+Thin on purpose: parse the config, build :class:`kdumpd.nbd.service.Service` from the run
+configuration ``kdumpd serve`` wrote, map each callback to the store, map errors to errno with
+``nbdkit.set_error``. It runs as ``__main__`` inside nbdkit's embedded interpreter (Debian's
+/usr/bin/python3), so it uses absolute imports and finds the package itself (see
+``_import_kdumpd``).
+
+Performance: nbdkit's worker threads have no Python thread state, so CPython creates and
+destroys one around every callback (~30 us: measured.md). :func:`_keep_thread_state` takes one
+extra, never-released ``PyGILState_Ensure`` per worker thread, once, so the thread state lives
+as long as the thread and a callback only takes and drops the GIL.
+"""
+
+import builtins
+import ctypes
+import json
+import os
+import sys
+import threading
+
+import nbdkit
+
+API_VERSION = 2
+
+_params = {}
+_service = None
+_size = 0
+_readinto = _write = _trim = _zero = _flush = None
+_errno_for = None
+_runconf = None
+
+
+def _record_error(exc):
+    # Tell the daemon why startup failed (one line, the error class) before nbdkit exits.
+    run_dir = None
+    try:
+        with builtins.open(_params["runconf"], encoding="utf-8") as fh:
+            run_dir = json.load(fh)["run_dir"]
+    except Exception:
+        pass
+    if run_dir is None:
+        return
+    try:
+        from kdumpd.nbd.service import write_error
+
+        write_error(os.path.join(run_dir, "error.json"), exc)
+    except Exception:
+        pass
+
+
+def _import_kdumpd(pkgdir):
+    """Import ``kdumpd`` from ``pkgdir`` (the directory holding the package), whatever is on
+    this interpreter's path. The directory is removed from sys.path once the package is
+    imported: submodules resolve through the package itself, and numpy, xxhash and the rest
+    keep coming from this interpreter's own (Debian's) site-packages."""
+    pkgdir = os.path.abspath(pkgdir)
+    if not os.path.isfile(os.path.join(pkgdir, "kdumpd", "__init__.py")):
+        raise RuntimeError(f"kdumpd package not found in {pkgdir}")
+    sys.path.insert(0, pkgdir)
+    try:
+        import kdumpd
+    finally:
+        sys.path.remove(pkgdir)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(kdumpd.__file__)))
+    if where != pkgdir:
+        raise RuntimeError(f"imported kdumpd from {where}, expected {pkgdir}")
+
+
+def _default_pkgdir():
+    # The source tree: nbd_plugin/ next to daemon/.
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def config(key, value):
+    if key in ("runconf", "pkgdir"):
+        _params[key] = value
+    else:
+        raise RuntimeError(f"unknown parameter: {key} (expected runconf=FILE [pkgdir=DIR])")
+
+
+def config_complete():
+    global _runconf
+    if "runconf" not in _params:
+        raise RuntimeError("runconf parameter is required")
+    try:
+        with builtins.open(_params["runconf"], encoding="utf-8") as fh:  # open is a callback here
+            doc = json.load(fh)
+        pkgdir = _params.get("pkgdir") or doc.get("package_dir") or _default_pkgdir()
+        _import_kdumpd(pkgdir)
+        import logging
+
+        logging.basicConfig(level=str(doc.get("log_level", "info")).upper(),
+                            format="kdumpd-plugin: %(levelname)s: %(message)s",
+                            stream=sys.stderr)
+        _runconf = _params["runconf"]
+    except Exception as exc:
+        _record_error(exc)
+        raise
+
+
+def thread_model():
+    # The store takes its own lock per request; requests overlap in nbdkit's C code.
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    global _service, _size, _readinto, _write, _trim, _zero, _flush, _errno_for
+    try:
+        from kdumpd.nbd.protect import protect_process
+        from kdumpd.nbd.runconf import RunConf
+        from kdumpd.nbd.selftest import run_selftest
+        from kdumpd.nbd.service import Service, errno_for
+
+        rc = RunConf.read(_runconf)
+        if rc.selftest:
+            run_selftest(rc.copies, rc.run_dir)
+        protections = protect_process() if rc.protect else {}
+        _service = Service(rc, protections=protections)
+    except Exception as exc:
+        _record_error(exc)
+        raise
+    store = _service.store
+    _size = rc.size_bytes
+    _readinto, _write, _trim, _zero, _flush = (
+        store.readinto, store.write, store.trim, store.zero, store.flush)
+    _errno_for = errno_for
+
+
+def after_fork():
+    _service.start()
+
+
+def cleanup():
+    if _service is not None:
+        _service.stop()
+
+
+# -- the thread-state trick ----------------------------------------------------------------
+
+_ensure = ctypes.pythonapi.PyGILState_Ensure
+_ensure.argtypes = []
+_ensure.restype = ctypes.c_int
+_tls = threading.local()
+
+
+def _keep_thread_state():
+    # Called with the GIL held, inside a callback, when this thread's local is fresh (so its
+    # thread state is the one nbdkit's PyGILState_Ensure just made). One more Ensure that is
+    # never released keeps the count above zero, so nbdkit's Release no longer destroys it.
+    _ensure()
+    _tls.kept = True
+
+
+# -- per connection ------------------------------------------------------------------------
+
+
+def open(readonly):  # noqa: A001 - nbdkit's callback name
+    return 1
+
+
+def get_size(h):
+    return _size
+
+
+def block_size(h):
+    return (1, 4096, 32 << 20)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True  # whole blocks are freed in the table; only partial edges are written
+
+
+def can_fua(h):
+    # A write is in old memory (its final place) when pwrite returns: nothing to force.
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    return True  # one store in one process serves every connection
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+# -- data path -----------------------------------------------------------------------------
+
+
+def _fail(exc):
+    nbdkit.set_error(_errno_for(exc))
+    # A short exception for nbdkit's log: the store's own log already has the details.
+    raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def pread(h, buf, offset, flags):
+    if "kept" not in _tls.__dict__:
+        _keep_thread_state()
+    try:
+        _readinto(offset, buf)
+    except Exception as exc:
+        _fail(exc)
+
+
+def pwrite(h, buf, offset, flags):
+    if "kept" not in _tls.__dict__:
+        _keep_thread_state()
+    try:
+        _write(offset, buf)
+    except Exception as exc:
+        _fail(exc)
+
+
+def trim(h, count, offset, flags):
+    if "kept" not in _tls.__dict__:
+        _keep_thread_state()
+    try:
+        _trim(offset, count)
+    except Exception as exc:
+        _fail(exc)
+
+
+def zero(h, count, offset, flags):
+    if "kept" not in _tls.__dict__:
+        _keep_thread_state()
+    try:
+        _zero(offset, count)
+    except Exception as exc:
+        _fail(exc)
+
+
+def flush(h, flags):
+    try:
+        _flush()
+    except Exception as exc:
+        _fail(exc)
+
