@@ -12,7 +12,12 @@ iomem, kpageflags, the workload's frame numbers) goes to a second raw disk.
 
 Usage:
     python3 tests/vm/mkvmcore.py --kernel 6.1 --ram 1024 --crashkernel 256M \
-        [--nokaslr] [--4level] --out DIR
+        [--nokaslr] [--4level] [--scenario NAME] --out DIR
+
+--scenario adds one of the safety hazards of tests/vm/scenarios/safety.py
+(machine check, hwpoison, balloon, memory hot-remove, pmem as System RAM):
+extra QEMU devices, guest hooks around the standard workload, monitor
+commands the guest asks for, and a check that the hazard really happened.
 
 Outputs in DIR: vmcore, meminfo, vmstat, iomem.old, iomem.kdump, cmdline,
 cmdline.kdump, console.log, info.json and a few extras (kpageflags,
@@ -35,18 +40,22 @@ import random
 import re
 import select
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD_SRC = HERE / "workload.c"
+SCENARIO_DIR = HERE / "scenarios"
 
 MIB = 1 << 20
 # Layout of the meta disk.  Each kernel writes its own region so neither can
@@ -130,6 +139,8 @@ class Config:
     smp: int
     timeout: float
     out: Path
+    # A scenarios/safety.py Scenario, or None for the standard vmcores.
+    scenario: Any = None
     sizes: Sizes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,23 +156,48 @@ class Config:
         return args
 
     def first_cmdline(self) -> str:
-        return " ".join([*self.common_args(), f"crashkernel={self.crashkernel}"])
+        extra = list(self.scenario.first_args) if self.scenario else []
+        return " ".join([*self.common_args(), f"crashkernel={self.crashkernel}", *extra])
 
     def kdump_cmdline(self) -> str:
         # What Debian's kdump-tools appends, minus systemd.
-        return " ".join([*self.common_args(), "reset_devices", "nr_cpus=1", "irqpoll", "nousb"])
+        extra = list(self.scenario.kdump_args) if self.scenario else []
+        return " ".join(
+            [*self.common_args(), "reset_devices", "nr_cpus=1", "irqpoll", "nousb", *extra]
+        )
 
 
-def script_hash() -> str:
+def script_hash(scenario: str | None = None) -> str:
     """Hash of everything that decides what a generated vmcore contains.
 
     vmcores.py compares it with the hash recorded in info.json, so editing
-    the generator or the workload regenerates the cached vmcores.
+    the generator or the workload regenerates the cached vmcores.  A safety
+    scenario also depends on the files under scenarios/, which the standard
+    vmcores do not, so editing a scenario leaves the standard set current.
     """
     digest = hashlib.sha256()
-    for path in (Path(__file__).resolve(), WORKLOAD_SRC):
+    paths = [Path(__file__).resolve(), WORKLOAD_SRC]
+    if scenario is not None:
+        paths += sorted(p for p in SCENARIO_DIR.iterdir() if p.is_file() and p.suffix != ".pyc")
+        digest.update(b"scenario\0" + scenario.encode() + b"\0")
+    for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def load_scenarios() -> ModuleType:
+    """scenarios/safety.py, imported by path (tests/vm is not a package)."""
+    name = "kdumpd_tests_vm_safety"
+    if name in sys.modules:
+        return sys.modules[name]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCENARIO_DIR / "safety.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _release_key(release: str) -> list[int]:
@@ -202,6 +238,7 @@ class Cpio:
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
         self._dirs: set[str] = set()
+        self.files: set[str] = set()
         self._ino = 1
 
     def _entry(
@@ -224,6 +261,7 @@ class Cpio:
     def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         path = path.strip("/")
         self.mkdir(os.path.dirname(path))
+        self.files.add(path)
         self._entry(path, 0o100000 | mode, data)
 
     def symlink(self, path: str, target: str) -> None:
@@ -246,7 +284,11 @@ def _pad4(data: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
-def resolve_modules(kernel: Kernel) -> list[tuple[Path, bool]]:
+def resolve_modules(
+    kernel: Kernel,
+    required: Iterable[str] = REQUIRED_MODULES,
+    optional: Iterable[str] = OPTIONAL_MODULES,
+) -> list[tuple[Path, bool]]:
     """Module files to insmod, dependencies first, with a "required" flag.
 
     Modules built into this kernel (modules.builtin) are skipped, which is
@@ -275,9 +317,9 @@ def resolve_modules(kernel: Kernel) -> list[tuple[Path, bool]]:
             visit(_module_name(dep), required)
         order.append((kernel.modules / path, required))
 
-    for name in OPTIONAL_MODULES:
+    for name in optional:
         visit(name, False)
-    for name in REQUIRED_MODULES:
+    for name in required:
         visit(name, True)
     return order
 
@@ -312,8 +354,11 @@ def shared_libraries(binary: Path) -> list[Path]:
 
 def build_workload(workdir: Path) -> Path:
     """Compile workload.c statically so it runs in the libc-less initramfs."""
-    binary = workdir / "workload"
-    cmd = ["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", "-o", str(binary), str(WORKLOAD_SRC)]
+    return build_c(WORKLOAD_SRC, workdir / "workload")
+
+
+def build_c(source: Path, binary: Path) -> Path:
+    cmd = ["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", "-o", str(binary), str(source)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise MkVmcoreError(f"gcc failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -371,6 +416,23 @@ setup() {
     done < /etc/modules.list
     mkdir -p /meta /mnt/data /mnt/tmpfs
 }
+
+# Safety scenarios (/etc/scenario.sh) override these hooks.  hmp asks the
+# host to run a QEMU monitor command (the host runs only lines that arrive
+# whole, up to the #END); the guest then polls for the command's effect.
+hmp() { mark HMP "$* #END"; }
+scenario_setup() { :; }     # first kernel, before the capture kernel is loaded
+scenario_loaded() { :; }    # first kernel, right after it is loaded
+scenario_prepare() { :; }   # first kernel, after the workload, before ground truth
+scenario_crash() { echo c > /proc/sysrq-trigger; }
+scenario_kdump() { :; }     # capture kernel, before /proc/vmcore is copied
+capture_vmcore() { /bin/workload rawput "$OUT" 0 < /proc/vmcore > /meta/vmcore.copied; }
+load_scenario_modules() {
+    while read -r mod need; do
+        insmod "/lib/modules/$mod" || [ "$need" = optional ] || fail "insmod $mod"
+    done < /etc/scenario-modules.list
+}
+[ -e /etc/scenario.sh ] && . /etc/scenario.sh
 
 # Prints /dev/vdX for the virtio disk with serial $1, waiting for its probe.
 find_disk() {
@@ -457,14 +519,17 @@ first_kernel() {
     mark BOOTED "$(uname -r)"
     META=$(find_disk "$SERIAL_META") || fail "no meta disk"
     DATA=$(find_disk "$SERIAL_DATA") || fail "no data disk"
+    scenario_setup
     load_kdump_kernel
+    scenario_loaded
     fill_memory
+    scenario_prepare
     mark WORKLOAD_READY
     save_first_meta
     mark CRASHING
-    echo c > /proc/sysrq-trigger
+    scenario_crash
     sleep 60
-    fail "still alive after sysrq-c"
+    fail "still alive after the crash was triggered"
 }
 
 kdump_kernel() {
@@ -475,9 +540,9 @@ kdump_kernel() {
     cat /proc/iomem > /meta/iomem
     cat /proc/cmdline > /meta/cmdline
     cat /proc/meminfo > /meta/meminfo
+    scenario_kdump
     mark CAPTURE_START "$(cat /meta/vmcore.size)"
-    /bin/workload rawput "$OUT" 0 < /proc/vmcore > /meta/vmcore.copied \
-        || fail "copy /proc/vmcore"
+    capture_vmcore || fail "copy /proc/vmcore"
     tar -cf - -C /meta . | /bin/workload rawput "$META" "$META_KDUMP_OFFSET" > /dev/null \
         || fail "save kdump meta"
     mark CAPTURE_DONE "$(cat /meta/vmcore.copied)"
@@ -514,20 +579,63 @@ def base_initramfs(cfg: Config, workload: Path) -> bytes:
     for applet in applets:
         if applet != "busybox":
             cpio.symlink(f"bin/{applet}", "busybox")
-    kexec = Path(shutil.which("kexec") or "/sbin/kexec")
-    cpio.file("bin/kexec", kexec.read_bytes(), 0o755)
-    for lib in shared_libraries(kexec):
-        cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
+    add_binary(cpio, Path(shutil.which("kexec") or "/sbin/kexec"))
     cpio.file("bin/workload", workload.read_bytes(), 0o755)
-    listing = []
-    for path, required in resolve_modules(cfg.kernel):
-        name = path.name.split(".ko")[0] + ".ko"
-        cpio.file(f"lib/modules/{name}", read_module(path))
-        listing.append(f"{name} {'required' if required else 'optional'}\n")
-    cpio.file("etc/modules.list", "".join(listing).encode())
-    cpio.file("etc/vmcore.conf", guest_conf(cfg).encode())
+    base_modules = resolve_modules(cfg.kernel)
+    cpio.file("etc/modules.list", add_modules(cpio, base_modules, "").encode())
+    conf = guest_conf(cfg)
+    if cfg.scenario is not None:
+        conf += add_scenario(cpio, cfg, base_modules, workload.parent)
+    cpio.file("etc/vmcore.conf", conf.encode())
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
     return cpio.getvalue()
+
+
+def add_binary(cpio: Cpio, binary: Path) -> None:
+    """A dynamically linked host binary as /bin/NAME, with its libraries."""
+    cpio.file(f"bin/{binary.name}", binary.read_bytes(), 0o755)
+    for lib in shared_libraries(binary):
+        if str(lib).strip("/") not in cpio.files:
+            cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
+
+
+def add_modules(cpio: Cpio, modules: list[tuple[Path, bool]], subdir: str) -> str:
+    """Puts modules under /lib/modules/SUBDIR; returns their insmod list."""
+    listing = []
+    for path, required in modules:
+        name = os.path.join(subdir, path.name.split(".ko")[0] + ".ko")
+        cpio.file(f"lib/modules/{name}", read_module(path))
+        listing.append(f"{name} {'required' if required else 'optional'}\n")
+    return "".join(listing)
+
+
+def add_scenario(
+    cpio: Cpio, cfg: Config, base_modules: list[tuple[Path, bool]], workdir: Path
+) -> str:
+    """The scenario's hooks, helper, tools and modules; returns extra conf lines.
+
+    Its modules go to /lib/modules/scenario and are loaded by its own hooks
+    (load_scenario_modules), only in the first kernel: the capture kernel
+    must not, say, inflate a balloon inside its 256 MiB.
+    """
+    sc = cfg.scenario
+    cpio.file("etc/scenario.sh", sc.script().encode(), 0o755)
+    if sc.helper:
+        cpio.file("bin/hazard", build_c(sc.helper, workdir / "hazard").read_bytes(), 0o755)
+    for tool in sc.binaries:
+        found = shutil.which(tool)
+        if found is None:
+            raise MkVmcoreError(f"{tool} not found on the host (see requirements-apt.txt)")
+        add_binary(cpio, Path(found))
+    loaded = {p for p, _ in base_modules}
+    extra = [
+        (p, r)
+        for p, r in resolve_modules(cfg.kernel, sc.modules, sc.optional_modules)
+        if p not in loaded
+    ]
+    cpio.file("etc/scenario-modules.list", add_modules(cpio, extra, "scenario").encode())
+    values = {"SCENARIO": sc.name, **sc.guest_conf(cfg)}
+    return "".join(f"{key}='{value}'\n" for key, value in values.items())
 
 
 def payload_initramfs(cfg: Config, base: bytes) -> bytes:
@@ -624,7 +732,12 @@ class GuestRun:
         return None if entry is None else entry[0] - self.started
 
 
-def qemu_command(cfg: Config, initrd: Path, disks: dict[str, Path]) -> list[str]:
+def qemu_command(
+    cfg: Config, initrd: Path, disks: dict[str, Path], workdir: Path, monitor: Path | None = None
+) -> list[str]:
+    sc = cfg.scenario
+    machine = "q35" + (f",{sc.machine_opts}" if sc and sc.machine_opts else "")
+    memory = f"{cfg.ram_mib}M" + (f",{sc.memory_opts}" if sc and sc.memory_opts else "")
     cmd = [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -634,9 +747,9 @@ def qemu_command(cfg: Config, initrd: Path, disks: dict[str, Path]) -> list[str]
         "-cpu",
         "max",
         "-machine",
-        "q35",
+        machine,
         "-m",
-        f"{cfg.ram_mib}M",
+        memory,
         "-smp",
         str(cfg.smp),
         "-display",
@@ -644,7 +757,7 @@ def qemu_command(cfg: Config, initrd: Path, disks: dict[str, Path]) -> list[str]
         "-serial",
         "stdio",
         "-monitor",
-        "none",
+        f"unix:{monitor},server=on,wait=off" if monitor else "none",
         "-no-reboot",
         "-kernel",
         str(cfg.kernel.image),
@@ -660,13 +773,68 @@ def qemu_command(cfg: Config, initrd: Path, disks: dict[str, Path]) -> list[str]
             "-device",
             f"virtio-blk-pci,drive=d{index},serial={serial}",
         ]
+    if sc is not None:
+        cmd += sc.qemu_args(workdir)
     return cmd
 
 
-def run_guest(cmd: list[str], console: Path, timeout: float) -> GuestRun:
+class Monitor:
+    """The QEMU human monitor (HMP) on a unix socket, for the guest's HMP marks.
+
+    Every command and its reply go to `log`, which ends up as hmp.log.
+    """
+
+    PROMPT = b"(qemu) "
+
+    def __init__(self, path: Path, log: Path) -> None:
+        self.path = path
+        self.log = log
+        self.sock: socket.socket | None = None
+        self.commands: list[dict[str, Any]] = []
+
+    def _read_prompt(self, sock: socket.socket) -> bytes:
+        data = b""
+        deadline = time.monotonic() + 30
+        while not data.endswith(self.PROMPT):
+            if time.monotonic() > deadline:
+                raise MkVmcoreError("QEMU monitor did not answer within 30 s")
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise MkVmcoreError("QEMU monitor closed the connection")
+            data += chunk
+        return data[: -len(self.PROMPT)]
+
+    def run(self, command: str, at: float) -> str:
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(self.path))
+            self._read_prompt(self.sock)  # banner
+        self.sock.sendall(command.encode() + b"\n")
+        raw = self._read_prompt(self.sock).decode(errors="replace")
+        # The monitor echoes the command line (with terminal escapes) first.
+        reply = "\n".join(raw.replace("\r", "").splitlines()[1:]).strip()
+        self.commands.append({"at": round(at, 2), "command": command, "reply": reply})
+        with open(self.log, "a") as f:
+            f.write(f"[{at:8.2f}] (qemu) {command}\n" + (f"{reply}\n" if reply else ""))
+        return reply
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def run_guest(
+    cmd: list[str],
+    console: Path,
+    timeout: float,
+    on_mark: Callable[[str, str, float], None] | None = None,
+) -> GuestRun:
     """Runs QEMU, teeing the serial console to `console` and timing marks.
 
     QEMU is killed after `timeout` seconds so a hung guest cannot hang CI.
+    `on_mark(name, argument, seconds)` sees every mark, repeated ones too.
     """
     started = time.monotonic()
     marks: dict[str, tuple[float, str]] = {}
@@ -694,20 +862,29 @@ def run_guest(cmd: list[str], console: Path, timeout: float) -> GuestRun:
             log.flush()
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            _scan_marks(lines, marks)
-        _scan_marks([pending], marks)
+            _scan_marks(lines, marks, on_mark, started)
+        _scan_marks([pending], marks, on_mark, started)
     proc.stdout.close()
     returncode = proc.wait()
     return GuestRun(marks, None if timed_out else returncode, timed_out, started)
 
 
-def _scan_marks(lines: Iterable[bytes], marks: dict[str, tuple[float, str]]) -> None:
+def _scan_marks(
+    lines: Iterable[bytes],
+    marks: dict[str, tuple[float, str]],
+    on_mark: Callable[[str, str, float], None] | None = None,
+    started: float = 0.0,
+) -> None:
     now = time.monotonic()
     for raw in lines:
         line = raw.decode(errors="replace")
         match = re.search(MARK + r" (\w+) ?(.*)", line)
-        if match and match.group(1) not in marks:
+        if not match:
+            continue
+        if match.group(1) not in marks:
             marks[match.group(1)] = (now, match.group(2).strip())
+        if on_mark is not None:
+            on_mark(match.group(1), match.group(2).strip(), now - started)
 
 
 def check_run(run: GuestRun, timeout: float) -> None:
@@ -832,6 +1009,7 @@ def write_outputs(
     vmcoreinfo: dict[str, str],
     warnings: list[str],
     kpageflags: bytes,
+    monitor: Monitor | None = None,
 ) -> None:
     out = cfg.out
     renames = {
@@ -881,9 +1059,23 @@ def write_outputs(
         },
         "vmcoreinfo": {k: vmcoreinfo[k] for k in VMCOREINFO_KEYS if k in vmcoreinfo},
         "warnings": warnings,
-        "script_hash": script_hash(),
+        "script_hash": script_hash(cfg.scenario.name if cfg.scenario else None),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if cfg.scenario is not None:
+        # Raises when the hazard did not happen, before info.json exists,
+        # so a vmcore without its hazard never looks complete.
+        hmp = monitor.commands if monitor is not None else []
+        try:
+            hazard = cfg.scenario.check(cfg, first, kdump, info, hmp)
+        except load_scenarios().HazardMissing as exc:
+            raise MkVmcoreError(f"{cfg.scenario.name}: hazard did not happen: {exc}") from exc
+        info["scenario"] = cfg.scenario.name
+        info["hazard"] = hazard
+        info["hmp"] = hmp
+        info["memory"] = cfg.scenario.memory_opts or ""
+        if cfg.scenario.machine_opts:
+            info["machine"] = f"q35,{cfg.scenario.machine_opts}"
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -911,27 +1103,46 @@ OUTPUT_FILES = (
     "kpageflags",
     "info.json",
     "console.log",
+    "hmp.log",
 )
 
 
 def generate(cfg: Config) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
+    names = list(OUTPUT_FILES) + (list(cfg.scenario.output_files()) if cfg.scenario else [])
+    for name in names:
         (cfg.out / name).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".work-", dir=cfg.out) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix=".work-", dir=cfg.out) as tmp,
+        tempfile.TemporaryDirectory(prefix="mkvmcore-mon-") as sockdir,
+    ):
+        # The monitor socket lives in /tmp: unix socket paths are short.
         workdir = Path(tmp)
         workload = build_workload(workdir)
         base = base_initramfs(cfg, workload)
         initrd = workdir / "initrd.img"
         initrd.write_bytes(base + payload_initramfs(cfg, base))
-        kpf_room = (cfg.ram_mib + 4096) * MIB // 4096 * 8
+        extra_mib = cfg.scenario.extra_mib if cfg.scenario else 0
+        kpf_room = (cfg.ram_mib + 4096 + extra_mib) * MIB // 4096 * 8
         disks = {
             SERIAL_DATA: make_data_image(cfg, workdir),
             SERIAL_META: make_sparse(workdir / "meta.raw", META_KPAGEFLAGS_OFFSET + kpf_room),
-            SERIAL_VMCORE: make_sparse(workdir / "vmcore.raw", (cfg.ram_mib + 64) * MIB),
+            SERIAL_VMCORE: make_sparse(
+                workdir / "vmcore.raw", (cfg.ram_mib + extra_mib + 64) * MIB
+            ),
         }
         console = cfg.out / "console.log"
-        run = run_guest(qemu_command(cfg, initrd, disks), console, cfg.timeout)
+        monitor = None
+        on_mark = None
+        if cfg.scenario is not None:
+            monitor = Monitor(Path(sockdir) / "hmp.sock", cfg.out / "hmp.log")
+            on_mark = _hmp_handler(monitor)
+        cmd = qemu_command(cfg, initrd, disks, workdir, monitor.path if monitor else None)
+        try:
+            run = run_guest(cmd, console, cfg.timeout, on_mark)
+        finally:
+            if monitor is not None:
+                monitor.close()
         check_run(run, cfg.timeout)
         first = read_meta(disks[SERIAL_META], META_FIRST_OFFSET)
         kdump = read_meta(disks[SERIAL_META], META_KDUMP_OFFSET)
@@ -943,12 +1154,36 @@ def generate(cfg: Config) -> None:
             disks[SERIAL_VMCORE], int(kdump["vmcore.copied"]), cfg.out / "vmcore"
         )
         warnings = check_paging(cfg, vmcoreinfo)
-        write_outputs(cfg, run, first, kdump, vmcoreinfo, warnings, kpageflags)
+        write_outputs(cfg, run, first, kdump, vmcoreinfo, warnings, kpageflags, monitor)
+
+
+def _hmp_handler(monitor: Monitor) -> Callable[[str, str, float], None]:
+    """Runs the monitor command of every "HMP" mark the guest prints.
+
+    A failure is logged, not raised: QEMU must keep running, and the guest,
+    which polls for the command's effect, then fails with its own reason.
+    """
+
+    def handle(name: str, arg: str, at: float) -> None:
+        if name != "HMP":
+            return
+        try:
+            if not arg.endswith("#END"):
+                raise MkVmcoreError("garbled on the console (kernel output in the line?)")
+            monitor.run(arg.removesuffix("#END").strip(), at)
+        except (OSError, MkVmcoreError) as exc:
+            monitor.commands.append({"at": round(at, 2), "command": arg, "error": str(exc)})
+            with open(monitor.log, "a") as f:
+                f.write(f"[{at:8.2f}] (qemu) {arg}\nERROR: {exc}\n")
+
+    return handle
 
 
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", required=True, help="release or prefix, e.g. 6.1 or 6.12")
+    parser.add_argument(
+        "--kernel", help="release or prefix, e.g. 6.1 or 6.12 (default: the scenario's)"
+    )
     parser.add_argument("--ram", type=int, default=1024, help="guest RAM in MiB")
     parser.add_argument("--crashkernel", default="256M")
     parser.add_argument("--nokaslr", action="store_true")
@@ -962,10 +1197,23 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="kill QEMU after this many seconds"
     )
+    parser.add_argument(
+        "--scenario",
+        help="safety scenario: " + ", ".join(load_scenarios().SCENARIOS),
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    scenario = None
+    if args.scenario is not None:
+        scenarios = load_scenarios().SCENARIOS
+        if args.scenario not in scenarios:
+            parser.error(f"unknown scenario {args.scenario!r}; known: {', '.join(scenarios)}")
+        scenario = scenarios[args.scenario]
+    kernel = args.kernel or (scenario.kernel if scenario else None)
+    if kernel is None:
+        parser.error("--kernel is required without --scenario")
     return Config(
-        kernel=find_kernel(args.kernel),
+        kernel=find_kernel(kernel),
         ram_mib=args.ram,
         crashkernel=args.crashkernel,
         kaslr=not args.nokaslr,
@@ -973,6 +1221,7 @@ def parse_args(argv: list[str] | None) -> Config:
         smp=args.smp,
         timeout=args.timeout,
         out=args.out.resolve(),
+        scenario=scenario,
     )
 
 

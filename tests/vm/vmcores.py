@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Catalogue of the standard QEMU-made vmcores the oracle tests run against.
+"""Catalogue of the QEMU-made vmcores the oracle and safety tests run against.
 
-Each entry names one configuration of tests/vm/mkvmcore.py.  ``ensure(name)``
+Each entry names one configuration of tests/vm/mkvmcore.py: STANDARD (every
+page class, crashed with sysrq-c) and SAFETY (one real hazard each, see
+scenarios/safety.py: fatal machine check, hwpoison, balloon, memory
+hot-remove, pmem as System RAM).  ``ensure(name)``
 returns a directory holding that vmcore, generating it when it is missing or
 was made by a different version of the generator (the script hash recorded
 in info.json), so tests never silently run against a stale capture.
@@ -11,8 +14,9 @@ cached outside the work tree: $KDUMPD_VMCORE_CACHE, else
 /var/cache/kdumpd-tests/vmcores.  vmcore files are never committed.
 
 CLI:
-    python3 tests/vm/vmcores.py ensure-all [--cache-dir DIR]
-    python3 tests/vm/vmcores.py ensure NAME [--cache-dir DIR]
+    python3 tests/vm/vmcores.py ensure-all [--cache-dir DIR]      # STANDARD
+    python3 tests/vm/vmcores.py ensure-safety [--cache-dir DIR]   # SAFETY
+    python3 tests/vm/vmcores.py ensure NAME... [--cache-dir DIR]
     python3 tests/vm/vmcores.py list [--cache-dir DIR]
 """
 
@@ -61,6 +65,8 @@ class VmcoreSpec:
     kaslr: bool
     four_level: bool
     timeout: float = 900.0
+    # A safety scenario of scenarios/safety.py, None for the standard set.
+    scenario: str | None = None
 
     def mkvmcore_args(self, out: Path) -> list[str]:
         args = [
@@ -79,6 +85,8 @@ class VmcoreSpec:
             args.append("--nokaslr")
         if self.four_level:
             args.append("--4level")
+        if self.scenario is not None:
+            args += ["--scenario", self.scenario]
         return args
 
     def matches(self, info: dict[str, Any]) -> bool:
@@ -90,6 +98,7 @@ class VmcoreSpec:
             and info.get("crashkernel") == self.crashkernel
             and info.get("kaslr") == self.kaslr
             and info.get("four_level") == self.four_level
+            and info.get("scenario") == self.scenario
         )
 
 
@@ -102,7 +111,14 @@ STANDARD: tuple[VmcoreSpec, ...] = (
     # 5 GiB: on q35 3 GiB of RAM sits above 4 GiB, exercising high frames.
     VmcoreSpec("6.1-5g-kaslr", "6.1", 5120, "256M", kaslr=True, four_level=False, timeout=2400.0),
 )
-CATALOGUE: dict[str, VmcoreSpec] = {spec.name: spec for spec in STANDARD}
+# One real hazard each; not in STANDARD (the oracle tests would misread them).
+# The name is the scenario's.  Ground truth: info.json["hazard"] plus the
+# files listed in scenarios/safety.py and README.md.
+SAFETY: tuple[VmcoreSpec, ...] = tuple(
+    VmcoreSpec(name, "6.1", 1024, "256M", kaslr=True, four_level=False, scenario=name)
+    for name in ("mce-6.1", "hwpoison-6.1", "balloon-6.1", "hotplug-6.1", "pmem-kmem-6.1")
+)
+CATALOGUE: dict[str, VmcoreSpec] = {spec.name: spec for spec in STANDARD + SAFETY}
 
 
 def default_cache_dir() -> Path:
@@ -123,8 +139,9 @@ def _load_mkvmcore() -> ModuleType:
     return module
 
 
-def script_hash() -> str:
-    return str(_load_mkvmcore().script_hash())
+def script_hash(scenario: str | None = None) -> str:
+    """The generator's hash; a scenario's also covers tests/vm/scenarios/."""
+    return str(_load_mkvmcore().script_hash(scenario))
 
 
 def load_info(directory: Path) -> dict[str, Any] | None:
@@ -142,7 +159,7 @@ def is_current(spec: VmcoreSpec, directory: Path) -> bool:
         return False
     if (directory / "vmcore").stat().st_size != info.get("vmcore_size"):
         return False
-    return spec.matches(info) and info.get("script_hash") == script_hash()
+    return spec.matches(info) and info.get("script_hash") == script_hash(spec.scenario)
 
 
 @contextmanager
@@ -246,6 +263,35 @@ def kpageflags(directory: Path) -> memoryview:
     return memoryview(data).cast("Q")
 
 
+def hazard(directory: Path) -> dict[str, Any]:
+    """info.json["hazard"] of a SAFETY vmcore: what happened, where (see safety.py)."""
+    info = load_info(directory) or {}
+    value = info.get("hazard")
+    if not isinstance(value, dict):
+        raise KeyError(f"{directory} is not a safety vmcore (no hazard in info.json)")
+    return value
+
+
+def hwpoison_pfns(directory: Path) -> dict[int, str]:
+    """pfn -> kind of every KPF_HWPOISON frame at the crash (hwpoison-pfns.txt)."""
+    pfns = {}
+    for line in (directory / "hwpoison-pfns.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            pfn, kind = line.split()
+            pfns[int(pfn)] = kind
+    return pfns
+
+
+def offline_pfn_runs(directory: Path) -> list[tuple[int, int]]:
+    """(first_pfn, count) runs of KPF_OFFLINE (ballooned) frames (offline-pfns.txt)."""
+    out = []
+    for line in (directory / "offline-pfns.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            first, count = line.split()
+            out.append((int(first), int(count)))
+    return out
+
+
 # --------------------------------------------------------------------------
 # CLI
 
@@ -261,6 +307,7 @@ def _describe(name: str, directory: Path, seconds: float, cached: bool) -> str:
         f"{timings.get('capture')} s; vmcore {info.get('vmcore_size')} bytes, "
         f"l5={vmci.get('NUMBER(pgtable_l5_enabled)')} "
         f"KERNELOFFSET={vmci.get('KERNELOFFSET')} {directory}"
+        + (f" hazard: {info['hazard'].get('summary')}" if "hazard" in info else "")
     )
 
 
@@ -277,18 +324,24 @@ def _ensure_and_report(name: str, cache_dir: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Standard vmcores for the oracle tests.")
-    parser.add_argument("command", choices=("ensure-all", "ensure", "list"))
+    parser = argparse.ArgumentParser(description="QEMU vmcores for the oracle and safety tests.")
+    parser.add_argument("command", choices=("ensure-all", "ensure-safety", "ensure", "list"))
     parser.add_argument("names", nargs="*")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or default_cache_dir()
     if args.command == "list":
-        for spec in STANDARD:
+        for spec in STANDARD + SAFETY:
             state = "current" if is_current(spec, cache_dir / spec.name) else "missing/stale"
-            print(f"{spec.name}: {state} {cache_dir / spec.name}")
+            kind = f" (safety: {spec.scenario})" if spec.scenario else ""
+            print(f"{spec.name}: {state} {cache_dir / spec.name}{kind}")
         return 0
-    names = list(CATALOGUE) if args.command == "ensure-all" else args.names
+    if args.command == "ensure-all":
+        names = [spec.name for spec in STANDARD]
+    elif args.command == "ensure-safety":
+        names = [spec.name for spec in SAFETY]
+    else:
+        names = args.names
     unknown = [n for n in names if n not in CATALOGUE]
     if unknown or not names:
         parser.error(f"unknown or missing names: {unknown}; known: {', '.join(CATALOGUE)}")
