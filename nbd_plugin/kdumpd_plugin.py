@@ -149,11 +149,15 @@ _ensure.restype = ctypes.c_int
 _tls = threading.local()
 
 
+_KEEP = os.environ.get("KDUMPD_NO_KEEP_TSTATE") != "1"  # off only to measure what it buys
+
+
 def _keep_thread_state():
     # Called with the GIL held, inside a callback, when this thread's local is fresh (so its
     # thread state is the one nbdkit's PyGILState_Ensure just made). One more Ensure that is
     # never released keeps the count above zero, so nbdkit's Release no longer destroys it.
-    _ensure()
+    if _KEEP:
+        _ensure()
     _tls.kept = True
 
 
