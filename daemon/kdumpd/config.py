@@ -278,7 +278,7 @@ def _parse_one(key: str, text: str, where: str) -> Any:
     if spec is None:
         raise ConfigError(f"{where}: unknown key {key!r}")
     try:
-        return spec.parse(text)
+        return spec.parse(text.strip())
     except ValueError as exc:
         raise ConfigError(f"{where}: {key} {exc}") from None
 
