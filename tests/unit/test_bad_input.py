@@ -162,3 +162,19 @@ def test_fuzzed_headers_only_raise_kdumpd_errors(small: Path, data: st.DataObjec
     finally:
         with open(small, "r+b") as fh:
             fh.write(pristine)
+
+
+def test_kernel_text_load_starting_with_its_ram_range(tmp_path: Path) -> None:
+    """Seen on a real KASLR guest: the kernel-text PT_LOAD starts exactly where the RAM
+    PT_LOAD holding it starts. It is a duplicate, not an overlap."""
+    from kdumpd.vmcore.elf import CoreHeader, LoadSegment
+
+    text = LoadSegment(0x1000, 0xFFFFFFFF81000000, 0x39000000, 0x3435000, 0x3435000)
+    ram = LoadSegment(0x5000000, 0xFFFF888039000000, 0x39000000, 0x6FD6000, 0x6FD6000)
+    header = CoreHeader("x86_64", (text, ram), (), 1 << 30)
+    ranges = header.phys_ranges()
+    assert [(r.start_paddr, r.end_paddr, r.offset) for r in ranges] == [
+        (0x39000000, 0x3FFD6000, 0x5000000)]
+    clash = LoadSegment(0x1000, 0, 0x3A000000, 0x8000000, 0x8000000)
+    with pytest.raises(VmcoreError, match="overlap"):
+        CoreHeader("x86_64", (ram, clash), (), 1 << 30).phys_ranges()

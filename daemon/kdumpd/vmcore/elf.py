@@ -81,10 +81,12 @@ class CoreHeader:
         is dropped so every physical byte has exactly one file offset. Bytes past ``p_filesz``
         are not in the file and so are not old memory anyone can read or write.
         """
+        # Longest first among equal starts, so a duplicate that starts where its RAM range
+        # starts (KASLR can put the kernel there) is seen as contained, not as an overlap.
         raw = sorted(
-            (seg.p_paddr, seg.p_paddr + seg.p_filesz, seg.p_offset)
-            for seg in self.loads
-            if seg.p_filesz > 0
+            ((seg.p_paddr, seg.p_paddr + seg.p_filesz, seg.p_offset)
+             for seg in self.loads if seg.p_filesz > 0),
+            key=lambda t: (t[0], -t[1]),
         )
         out: list[PhysRange] = []
         for start, end, offset in raw:
