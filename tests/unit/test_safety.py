@@ -144,3 +144,29 @@ def test_decide_each_rule() -> None:
                                                              PageClass.USER_HUGETLB}
     with pytest.raises(ConfigError):
         _decide(mce_policy="ignore")
+
+
+def _nfit(*spas: tuple[bytes, int, int]) -> bytes:
+    import struct
+
+    body = b""
+    for guid, base, length in spas:
+        body += struct.pack("<HHHHII16sQQQ", 0, 56, 1, 0, 0, 0, guid, base, length, 0)
+    body += struct.pack("<HH", 4, 8) + b"\0" * 4  # another structure type, skipped
+    total = 40 + len(body)
+    return b"NFIT" + struct.pack("<I", total) + b"\0" * 32 + body
+
+
+def test_nfit_spa_ranges_are_forbidden() -> None:
+    from kdumpd.safety.hostfacts import PMEM_GUID, parse_nfit
+
+    table = _nfit((PMEM_GUID, 0x100000000, 0x20000000), (b"\x11" * 16, 0x200000000, 0x1000))
+    ranges = parse_nfit(table)
+    assert [(r.start_paddr, r.end_paddr) for r in ranges] == [
+        (0x100000000, 0x120000000), (0x200000000, 0x200001000)]
+    assert ranges[0].reason == "persistent memory (ACPI NFIT)"
+    facts = parse_host_facts("", "", nfit_tables=[table])
+    assert len(facts.forbidden) == 2
+    for bad in (b"XXXX" + table[4:], table[:50], table[:8] + b"\0" * 32 + b"\0\0\x02\0"):
+        with pytest.raises(ValueError):
+            parse_nfit(bad)

@@ -108,7 +108,15 @@ def test_hot_removed_memory_is_never_planned() -> None:
 def test_persistent_memory_is_never_planned() -> None:
     d = vmcore_dir("pmem-kmem-6.1")
     hz = vmcores.hazard(d)
-    host = parse_host_facts((d / "iomem.kdump").read_text(), (d / "cmdline.kdump").read_text())
+    # What the capture kernel sees: its iomem (no NVDIMM driver there, so no pmem line) and
+    # the firmware's NFIT table, which it reads from /sys/firmware/acpi/tables.
+    nfit = sorted(d.glob("nfit.kdump*.bin"))
+    assert nfit, "the scenario did not record the capture kernel's NFIT table"
+    host = parse_host_facts((d / "iomem.kdump").read_text(), (d / "cmdline.kdump").read_text(),
+                            nfit_tables=[p.read_bytes() for p in nfit])
     plan = _plan("pmem-kmem-6.1", host=host)
-    lo, hi = (x >> PAGE_SHIFT for x in hz["pmem"])
+    (lo, hi), = ((a >> PAGE_SHIFT, b >> PAGE_SHIFT) for a, b in hz["pmem"])
     assert not _mask(plan, hi + 1)[lo:hi].any()
+    # without the table the kmem range would have been planned: the rule is what stops it
+    bare = _plan("pmem-kmem-6.1", host=parse_host_facts("", ""))
+    assert _mask(bare, hi + 1)[lo:hi].any()

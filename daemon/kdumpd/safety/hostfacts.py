@@ -9,9 +9,10 @@ shows up as "Persistent Memory" here, and its contents outlive the reboot).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ForbiddenRange", "HostFacts", "parse_host_facts"]
+__all__ = ["ForbiddenRange", "HostFacts", "parse_host_facts", "parse_nfit"]
 
 _LINE = re.compile(r"^(\s*)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
 # elfcorehdr=[size@]offset; the header itself is small but we keep a generous guard.
@@ -43,9 +44,53 @@ def _is_pmem(name: str) -> bool:
     return "persistent memory" in lowered or "(kmem)" in lowered or lowered.startswith("pmem")
 
 
-def parse_host_facts(iomem: str, cmdline: str, source: str = "/proc") -> HostFacts:
-    """Ranges kdumpd must never plan, from the capture kernel's iomem and cmdline."""
+# ACPI 6.x NFIT: 36-byte header, 4 reserved bytes, then structures (u16 type, u16 length).
+# Type 0 is the System Physical Address Range: index, flags, reserved, proximity domain, a
+# range-type GUID, base, length, mapping attributes.
+_NFIT_FIRST = 40
+_SPA_TYPE = 0
+PMEM_GUID = bytes.fromhex("79d3f066f3b47440ac430d3318b78cdb")  # 66F0D379-B4F3-4074-AC43-...
+
+
+def parse_nfit(table: bytes) -> list[ForbiddenRange]:
+    """Every SPA range of an ACPI NFIT table (firmware's list of NVDIMM-backed memory).
+
+    The capture kernel usually loads no NVDIMM driver, so its iomem does not show persistent
+    memory; the firmware table does. Every SPA range is forbidden, persistent or not: they are
+    all NVDIMM-backed. A truncated or garbled table raises ValueError (the caller refuses).
+    """
+    if len(table) < _NFIT_FIRST or table[:4] != b"NFIT":
+        raise ValueError("not an ACPI NFIT table")
+    length = int.from_bytes(table[4:8], "little")
+    if length > len(table) or length < _NFIT_FIRST:
+        raise ValueError(f"NFIT says {length} bytes, {len(table)} read")
     out: list[ForbiddenRange] = []
+    pos = _NFIT_FIRST
+    while pos + 4 <= length:
+        kind = int.from_bytes(table[pos : pos + 2], "little")
+        size = int.from_bytes(table[pos + 2 : pos + 4], "little")
+        if size < 4 or pos + size > length:
+            raise ValueError(f"NFIT structure at byte {pos} has bad length {size}")
+        if kind == _SPA_TYPE:
+            if size < 56:
+                raise ValueError(f"NFIT SPA structure at byte {pos} is too short")
+            guid = table[pos + 16 : pos + 32]
+            base = int.from_bytes(table[pos + 32 : pos + 40], "little")
+            span = int.from_bytes(table[pos + 40 : pos + 48], "little")
+            what = "persistent memory" if guid == PMEM_GUID else f"NVDIMM range {guid.hex()}"
+            if span:
+                out.append(ForbiddenRange(base, base + span, f"{what} (ACPI NFIT)"))
+        pos += size
+    return out
+
+
+def parse_host_facts(
+    iomem: str, cmdline: str, source: str = "/proc", nfit_tables: Sequence[bytes] = ()
+) -> HostFacts:
+    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT."""
+    out: list[ForbiddenRange] = []
+    for table in nfit_tables:
+        out.extend(parse_nfit(table))
     for line in iomem.splitlines():
         m = _LINE.match(line)
         if not m:
