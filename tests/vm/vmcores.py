@@ -292,6 +292,20 @@ def offline_pfn_runs(directory: Path) -> list[tuple[int, int]]:
     return out
 
 
+def nfit_bytes(directory: Path, which: str = "kdump") -> bytes:
+    """Raw ACPI NFIT of pmem-kmem-6.1 as /sys/firmware/acpi/tables showed it.
+
+    `which` is "kdump" (the capture kernel, nfit.kdump.bin) or "old" (the first
+    kernel, nfit.old.bin).  Several tables (NFIT1, NFIT2, ...) are concatenated,
+    each with its own ACPI header and length.  b"" when that kernel had no NFIT
+    (then info.json["hazard"]["nfit_in_kdump"] is false for "kdump").
+    """
+    if which not in ("kdump", "old"):
+        raise ValueError(f"which must be 'kdump' or 'old', not {which!r}")
+    path = directory / f"nfit.{which}.bin"
+    return path.read_bytes() if path.exists() else b""
+
+
 # --------------------------------------------------------------------------
 # CLI
 

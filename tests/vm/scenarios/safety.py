@@ -25,6 +25,9 @@ Ground truth beyond the standard files (see README.md for the formats):
     balloon.txt, offline-pfns.txt ("first_pfn count" runs of KPF_OFFLINE frames)
     hotplug.txt, iomem.hotplugged
     pmem.txt, ndctl.json, daxctl.json
+    nfit.old.bin, nfit.kdump.bin   raw ACPI NFIT bytes from /sys/firmware/acpi/tables of
+                            the first and the capture kernel (NFIT, or NFIT1, NFIT2, ...
+                            concatenated; each table carries its own length)
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
+import uuid
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -476,6 +481,76 @@ def _range_summary(vmcore: Path, rng: tuple[int, int]) -> dict[str, int]:
 # pmem-kmem-6.1
 
 PMEM_MIB = 512
+# ACPI 6.x, 5.2.26.2: the address range type GUID of persistent memory.
+NFIT_SPA_PM_GUID = "66f0d379-b4f3-4074-ac43-0d3318b78cdb"
+
+
+def nfit_spa_ranges(data: bytes) -> list[dict[str, Any]]:
+    """SPA Range Structures (type 0) of one or more concatenated ACPI NFIT tables.
+
+    Each table: 36-byte ACPI header (signature "NFIT", u32 length), 4 reserved bytes,
+    then structures (u16 type, u16 length).  SPA: u16 range index, u16 flags, u32
+    reserved, u32 proximity domain, 16-byte range type GUID, u64 base, u64 length,
+    u64 memory mapping attributes.  Raises ValueError on anything malformed.
+    """
+    ranges = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 40 or data[pos : pos + 4] != b"NFIT":
+            raise ValueError(f"no NFIT header at byte {pos}")
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        if length < 40 or pos + length > len(data):
+            raise ValueError(f"NFIT at byte {pos} has bad length {length}")
+        table = data[pos : pos + length]
+        if sum(table) & 0xFF:
+            raise ValueError(f"NFIT at byte {pos} has a bad checksum")
+        off = 40
+        while off < length:
+            if length - off < 4:
+                raise ValueError(f"truncated structure at byte {pos + off}")
+            stype, slen = struct.unpack_from("<HH", table, off)
+            if slen < 4 or off + slen > length:
+                raise ValueError(f"structure at byte {pos + off} has bad length {slen}")
+            if stype == 0:
+                if slen < 56:
+                    raise ValueError(f"SPA structure at byte {pos + off} is only {slen} bytes")
+                index, flags, _, domain = struct.unpack_from("<HHII", table, off + 4)
+                guid = str(uuid.UUID(bytes_le=table[off + 16 : off + 32]))
+                base, size, attrs = struct.unpack_from("<QQQ", table, off + 32)
+                ranges.append(
+                    {
+                        "range_index": index,
+                        "flags": flags,
+                        "proximity_domain": domain,
+                        "guid": guid,
+                        "persistent": guid == NFIT_SPA_PM_GUID,
+                        "base": base,
+                        "length": size,
+                        "mapping_attributes": attrs,
+                        "hex": f"{base:#x}-{base + size:#x}",
+                    }
+                )
+            off += slen
+        pos += length
+    return ranges
+
+
+def _nfit(capture: Capture, meta: dict[str, bytes], which: str) -> dict[str, Any]:
+    """Copies one kernel's NFIT bytes to nfit.WHICH.bin; what they say, for the hazard."""
+    dest = capture.out / f"nfit.{which}.bin"
+    dest.unlink(missing_ok=True)
+    data = meta.get("nfit.bin", b"")
+    found: dict[str, Any] = {"present": bool(data)}
+    if data:
+        dest.write_bytes(data)
+        found["tables"] = meta.get("nfit.tables", b"").decode(errors="replace").split()[::2]
+        try:
+            found["spa"] = nfit_spa_ranges(data)
+        except ValueError as exc:
+            found["error"] = str(exc)
+    if "nfit.missing" in meta:
+        found["missing"] = meta["nfit.missing"].decode(errors="replace").strip()
+    return found
 
 
 def _check_pmem(capture: Capture) -> dict[str, Any]:
@@ -505,6 +580,21 @@ def _check_pmem(capture: Capture) -> dict[str, Any]:
             lo, hi = max(pfn, start // PAGE_SIZE), min(pfn + count, end // PAGE_SIZE)
             workload += max(0, hi - lo)
     lines = [ln.strip() for ln in old.splitlines() if re.search(r"Persistent|kmem|dax", ln)]
+    # The capture kernel's iomem has no pmem line (no nfit driver there): the
+    # firmware's NFIT is how kdumpd learns the range, so record both kernels' copies.
+    nfit_old = _nfit(capture, capture.first, "old")
+    nfit_kdump = _nfit(capture, capture.kdump, "kdump")
+    if not nfit_old["present"] or "error" in nfit_old:
+        raise _error(f"the first kernel's NFIT: {nfit_old.get('error', 'missing')}")
+    pm_old = [(r["base"], r["base"] + r["length"]) for r in nfit_old["spa"] if r["persistent"]]
+    if sorted(pm_old) != sorted(pmem):
+        raise _error(f"the first kernel's NFIT SPA ranges {pm_old} are not iomem's pmem {pmem}")
+    nfit_in_kdump = nfit_kdump["present"] and "error" not in nfit_kdump
+    if not nfit_in_kdump:
+        why = nfit_kdump.get("error") or "not in /sys/firmware/acpi/tables"
+        warning = f"pmem-kmem: the capture kernel has no usable ACPI NFIT ({why})"
+        print(f"warning: {warning}", file=sys.stderr)
+        capture.info.setdefault("warnings", []).append(warning)
     return {
         "pmem": [list(r) for r in pmem],
         "pmem_hex": [f"{s:#x}-{e:#x}" for s, e in pmem],
@@ -516,6 +606,11 @@ def _check_pmem(capture: Capture) -> dict[str, Any]:
         "kmem_pages_with_flags": used,
         "kmem_workload_pages": workload,
         "pt_loads": [[s, e] for s, e in loads],
+        "nfit_in_kdump": nfit_in_kdump,
+        "nfit_old": nfit_old,
+        "nfit_kdump": nfit_kdump,
+        "nfit_kdump_matches_old": nfit_in_kdump
+        and capture.first.get("nfit.bin") == capture.kdump.get("nfit.bin"),
     }
 
 
@@ -597,7 +692,7 @@ SCENARIOS: dict[str, Scenario] = {
             binaries=("ndctl", "daxctl"),
             helper=None,
             extra_mib=PMEM_MIB,
-            outputs=("pmem.txt", "ndctl.json", "daxctl.json"),
+            outputs=("pmem.txt", "ndctl.json", "daxctl.json", "nfit.old.bin", "nfit.kdump.bin"),
         ),
     )
 }
