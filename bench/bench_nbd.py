@@ -104,7 +104,7 @@ def kdumpd_server(tmp: str, copies: int, size: int, keep: bool) -> Server:
                          f"kdumpd-bench-{os.getpid()}-{copies}.img")
     with open(image, "wb") as fh:
         fh.truncate(pool)
-    run_dir = os.path.join(tmp, f"run{copies}")
+    run_dir = tempfile.mkdtemp(prefix=f"run{copies}-", dir=tmp)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     # Two extents with a hole between them, as a plan would have.
     half = pool // 2 // 4096

@@ -268,9 +268,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  integrity  detected {i['detected']}, repaired {i['repaired']}, quarantined "
           f"{i['quarantined']}, lost {i['lost']} (relocated {i['relocated']}, scrubbed "
           f"{i['scrubbed_blocks']} blocks)")
-    rss = st["rss_bytes"]
-    print(f"  memory     daemon {_fmt_bytes(rss['daemon'])}, nbdkit {_fmt_bytes(rss['nbdkit'])} "
-          f"RSS; {_fmt_bytes(st['locked_bytes'] or 0)} locked")
+    rss, anon = st["rss_bytes"], st["rss_anon_bytes"]
+    print(f"  memory     daemon {_fmt_bytes(rss['daemon'])} RSS ({_fmt_bytes(anon['daemon'])} "
+          f"anon), nbdkit {_fmt_bytes(rss['nbdkit'])} RSS ({_fmt_bytes(anon['nbdkit'])} anon); "
+          f"{_fmt_bytes(st['locked_bytes'] or 0)} locked")
     return 0 if st["running"] else 1
 
 

@@ -560,6 +560,10 @@ def read_status(run_dir: str) -> dict[str, Any]:
             "daemon": process_rss(state["daemon_pid"]) if daemon_up else 0,
             "nbdkit": process_rss(state["nbdkit_pid"]) if nbdkit_up else 0,
         },
+        "rss_anon_bytes": {
+            "daemon": process_rss(state["daemon_pid"], "RssAnon") if daemon_up else 0,
+            "nbdkit": process_rss(state["nbdkit_pid"], "RssAnon") if nbdkit_up else 0,
+        },
         "locked_bytes": st.get("locked_bytes", 0),
         "protections": st.get("protections", {}),
     }

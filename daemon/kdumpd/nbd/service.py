@@ -82,27 +82,44 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
-def process_rss(pid: int | str = "self") -> int:
-    """Resident set size of a process in bytes (0 if unknown)."""
+def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/PID/status in bytes (0 if unknown): ``VmRSS``
+    (all resident pages), ``RssAnon`` (its own heap and stacks, without file or shared
+    mappings such as an image backend's), ``VmLck`` (mlocked)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
     return 0
 
 
-def _locked_bytes() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmLck:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+class _ScrubView:
+    """The store as the scrubber sees it, with a cheaper ``next_written``.
+
+    ``BlockStore.next_written`` scans a 64 Ki-block window per call (~90 us measured), and the
+    scrubber calls it once per block: at 16 MiB/s that is a fifth of a core holding the GIL,
+    taken from the NBD requests. Here the next few blocks are probed with ``locate`` first
+    (~1 us each, one lock hold each); only a run of unwritten blocks falls back to the scan.
+    """
+
+    _PROBES = 32
+
+    def __init__(self, store: BlockStore) -> None:
+        self._store = store
+        self.copies = store.copies
+        self.block_size = store.block_size
+        self.verify_block = store.verify_block
+
+    def next_written(self, block: int) -> int | None:
+        store = self._store
+        end = min(block + self._PROBES, store.nblocks)
+        for b in range(block, end):
+            if store.locate(b) is not None:
+                return b
+        return store.next_written(end) if end < store.nblocks else None
 
 
 class EventLog(logging.Handler):
@@ -144,7 +161,8 @@ class Service:
         except BaseException:
             self.backend.close()
             raise
-        self.scrubber = (Scrubber(self.store, rate_bytes_per_s=rc.scrub_rate)
+        self.scrubber = (Scrubber(_ScrubView(self.store),  # type: ignore[arg-type]
+                                  rate_bytes_per_s=rc.scrub_rate)
                          if rc.scrub_rate > 0 else None)
         self._stop = threading.Event()
         self._status_thread: threading.Thread | None = None
@@ -234,7 +252,8 @@ class Service:
             },
             "scrub": scrub,
             "rss_bytes": process_rss(),
-            "locked_bytes": _locked_bytes(),
+            "rss_anon_bytes": process_rss("self", "RssAnon"),
+            "locked_bytes": process_rss("self", "VmLck"),
             "protections": self.protections,
             "events": self.events.snapshot(),
             "events_total": self.events.count,
