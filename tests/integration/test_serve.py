@@ -298,3 +298,29 @@ def test_stop_cleans_up_after_a_killed_daemon(serve) -> None:
     assert r.returncode == 0, r.stderr
     assert "had died" in r.stdout
     assert not (s.run_dir / "state.json").exists()
+
+
+def test_sd_notify_ready_and_status(vmcore, image, tmp_path: Path) -> None:
+    pytest.importorskip("systemd.daemon")
+    import socket as socketmod
+
+    from tests.integration.conftest import _env, start_serve
+
+    path = str(tmp_path / "notify.sock")
+    srv = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    srv.bind(path)
+    srv.settimeout(30)
+    env = _env()
+    env["NOTIFY_SOCKET"] = path
+    s = start_serve(vmcore, image, tmp_path / "run", "--copies", "3", env=env)
+    try:
+        msg = srv.recv(4096).decode()
+        lines = msg.splitlines()
+        assert "READY=1" in lines
+        status = next(ln for ln in lines if ln.startswith("STATUS="))
+        assert "serving" in status and "(3 copies)" in status and "MiB" in status
+        s.stop()
+        assert "STOPPING=1" in srv.recv(4096).decode()
+    finally:
+        s.kill()
+        srv.close()

@@ -142,3 +142,18 @@ def test_sizes() -> None:
 
 def test_file_parser_is_pure() -> None:
     assert parse_config_file("copies = 3", "x.conf") == {"copies": (3, "x.conf:1")}
+
+
+def test_example_documents_every_key_and_parses(tmp_path) -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "kdumpd.conf.example"
+    text = example.read_text()
+    for key in KEYS:
+        assert f"#{key} =" in text, key
+    # Uncommenting every default gives the defaults back (mount/socket are empty there).
+    lines = [ln[1:] for ln in text.splitlines() if ln.startswith("#") and " = " in ln
+             and not ln.startswith("# ")]
+    cfg = load(tmp_path, "\n".join(lines) + "\n")
+    defaults = load_config({}, path=str(tmp_path / "absent"), cmdline="")
+    assert dict(cfg.values) == dict(defaults.values)
