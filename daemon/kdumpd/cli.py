@@ -214,6 +214,8 @@ _SERVE_FLAGS = [
     ("--as", "as", "swap|scratch|none"),
     ("--mount", "mount", "DIR"),
     ("--dump-level", "dump_level", "N"),
+    ("--collector", "collector", "'COMMAND LINE'"),
+    ("--mce-policy", "mce_policy", "refuse|exclude-range"),
     ("--size", "size", "BYTES|auto"),
     ("--device", "device", "/dev/nbdN|auto"),
     ("--report", "report", "PATH"),

@@ -174,6 +174,10 @@ def _device(text: str) -> str:
     return t
 
 
+def _text(text: str) -> str:
+    return text.strip()
+
+
 def _as(text: str) -> str:
     return _choice("none", "swap", "scratch")(text)
 
@@ -191,6 +195,12 @@ KEYS: dict[str, _Key] = {
                     "old memory: auto (writable /proc/vmcore if the kernel has it, else "
                     "/dev/mem), vmcore, devmem, or image:FILE (tests and dry runs)"),
     "dump_level": _Key(_int_range(0, 31), 31, "the dump level the collector uses"),
+    "collector": _Key(_text, "",
+                      "the collector's command line (empty: read /etc/kdump.conf or "
+                      "/etc/default/kdump-tools; dump_level, if set, wins)"),
+    "mce_policy": _Key(_choice("refuse", "exclude-range"), "refuse",
+                       "after a hardware memory error: reuse nothing, or exclude the reported "
+                       "address ranges"),
     "copies": _Key(_int_range(1, 4), 2, "copies of every block in old memory"),
     "run_dir": _Key(_path, "/run/kdumpd", "status, socket and state files (mode 0700)"),
     "socket": _Key(_optional_path, "", "the NBD Unix socket (default RUN_DIR/kdumpd.sock)"),

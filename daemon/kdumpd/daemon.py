@@ -93,10 +93,11 @@ def plan_for_serve(vm: Vmcore, cfg: Config) -> Plan:
     stands for ``makedumpfile -d N``; otherwise the gate reads the collector from the kdump
     configuration (default ``makedumpfile -d 31``).
     """
-    collector = None
+    collector = str(cfg["collector"]) or None
     if cfg.sources.get("dump_level", "default") != "default":
         collector = f"makedumpfile -d {cfg.dump_level}"
-    gated = gated_plan(vm, collector=collector, host=host_facts_here(Path(cfg.vmcore)))
+    gated = gated_plan(vm, collector=collector, host=host_facts_here(Path(cfg.vmcore)),
+                       mce_policy=str(cfg["mce_policy"]))
     return gated.plan
 
 
@@ -347,7 +348,11 @@ def _serve_locked(cfg: Config) -> int:
     rc = 0
     try:
         try:
-            s.prepared = prepare(cfg)
+            try:
+                s.prepared = prepare(cfg)
+            except KdumpdError as exc:
+                _report_refusal(cfg, exc)
+                raise
             _start(s)
             _wait(s)
         except _Terminate as sig:
@@ -453,6 +458,26 @@ def _status_line(s: _Serving) -> str:
 # -- report -----------------------------------------------------------------------------------
 
 
+def _report_refusal(cfg: Config, exc: KdumpdError) -> None:
+    """A refusal leaves a report too, so the post-mortem says why old memory was not used."""
+    doc = {
+        "kdumpd": __version__,
+        "state": "refused",
+        "time": round(time.time(), 3),
+        "error": type(exc).__name__,
+        "reason": str(exc),
+        "config": cfg.to_json(),
+    }
+    targets = [os.path.join(cfg.run_dir, "report.json")]
+    if cfg["report"]:
+        targets.append(str(cfg["report"]))
+    for path in targets:
+        try:
+            atomic_write_json(path, doc, mode=0o644)
+        except OSError as e:
+            log.warning("cannot write report %s: %s", path, e.strerror)
+
+
 def write_report(s: _Serving, state: str) -> list[str]:
     """Write the JSON report to the run directory and to the configured ``report`` path;
     return the paths written."""
@@ -517,8 +542,13 @@ def _read_state(run_dir: str) -> dict[str, Any]:
     path = os.path.join(run_dir, "state.json")
     if not os.path.exists(path):
         hint = ""
-        if os.path.exists(os.path.join(run_dir, "report.json")):
-            hint = f" (last report: {os.path.join(run_dir, 'report.json')})"
+        report = os.path.join(run_dir, "report.json")
+        if os.path.exists(report):
+            hint = f" (last report: {report})"
+            with contextlib.suppress(KdumpdError):
+                last = read_json(report)
+                if last.get("state") == "refused":
+                    hint = f" (refused: {last.get('reason')})"
         raise NotRunningError(f"kdumpd is not running in {run_dir}{hint}")
     doc: dict[str, Any] = read_json(path)
     return doc

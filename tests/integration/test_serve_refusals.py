@@ -142,3 +142,30 @@ def test_plugin_rejects_unknown_parameters(tmp_path) -> None:
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "runconf parameter is required" in r.stderr
+
+
+def test_fatal_machine_check_crash_is_refused_with_a_report(tmp_path: Path) -> None:
+    """serve on a real crash caused by a fatal machine check: rule 1 in one line, a non-zero
+    exit before any write, the reason in the report and in `kdumpd status`; with the
+    exclude-range policy it serves."""
+    from tests.realcores import vmcore_dir
+
+    mce = vmcore_dir("mce-6.1") / "vmcore"
+    image = sparse_copy(mce, tmp_path / "mce.img")
+    stamp = _stamp(image)
+    run_dir = tmp_path / "run"
+    report = tmp_path / "crash" / "kdumpd-report.json"
+    report.parent.mkdir()
+    r = kdumpd("serve", str(mce), "--backend", f"image:{image}", "--run-dir", str(run_dir),
+               "--config", os.devnull, "--kernel-cmdline", os.devnull, "--report", str(report),
+               "--collector", "makedumpfile -l -d 31", timeout=120)
+    assert r.returncode == 6
+    line = _one_line(r)
+    assert "rule 1 (hardware memory error)" in line and "Hardware Error" in line
+    import json
+
+    doc = json.loads(report.read_text())
+    assert doc["state"] == "refused" and "rule 1" in doc["reason"]
+    st = kdumpd("status", "--run-dir", str(run_dir), timeout=30)
+    assert st.returncode != 0 and "refused: rule 1" in st.stderr
+    assert _stamp(image) == stamp, "a refused serve wrote into the image"
