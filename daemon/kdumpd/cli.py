@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdumpd import __version__, daemon
+from kdumpd import __version__
+from kdumpd.config import Config
 from kdumpd.errors import KdumpdError, RefusedError
 from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
 from kdumpd.safeplan import gated_plan, host_facts_here
@@ -243,17 +244,27 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, str]:
     return flags
 
 
-def _serve_config(args: argparse.Namespace) -> daemon.Config:
-    return daemon.load_serve_config(_serve_flags(args), config_path=args.config,
-                                    cmdline_path=args.kernel_cmdline)
+def _daemon() -> Any:
+    """The daemon module, imported only by serve/status/stop: survey, plan and dmesg stay
+    free of the store, nbd and systemd imports (start-up time and memory)."""
+    from kdumpd import daemon
+
+    return daemon
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    cfg: Config = _daemon().load_serve_config(_serve_flags(args), config_path=args.config,
+                                              cmdline_path=args.kernel_cmdline)
+    return cfg
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return daemon.serve(_serve_config(args))
+    rc: int = _daemon().serve(_serve_config(args))
+    return rc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = daemon.read_status(_serve_config(args).run_dir)
+    st = _daemon().read_status(_serve_config(args).run_dir)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0 if st["running"] else 1
@@ -278,7 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    print(daemon.stop(_serve_config(args).run_dir, timeout=args.timeout))
+    print(_daemon().stop(_serve_config(args).run_dir, timeout=args.timeout))
     return 0
 
 
