@@ -54,18 +54,31 @@ def parse_size(text: str) -> int:
     return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
 
 
-def fio(sock: str, rw: str, bs: str, qd: int, seconds: float, size: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(sock: str, rw: str, bs: str, qd: int, seconds: float, size: int,
+        pid: int) -> dict[str, float]:
     argv = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
         "--time_based", f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json",
         "--randrepeat=0", "--norandommap",
     ]
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu0
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
+    ios = side["total_ios"] or 1
+    # Server CPU per request covers the ramp too: fio's total_ios excludes it, so scale.
+    ramp = 0.5
     return {"iops": side["iops"], "mibs": side["bw_bytes"] / MiB,
-            "lat_us": side["clat_ns"]["mean"] / 1000}
+            "lat_us": side["clat_ns"]["mean"] / 1000,
+            "cpu_us": cpu / (ios * (seconds + ramp) / seconds) * 1e6}
 
 
 def prefill(sock: str, size: int) -> None:
@@ -98,7 +111,8 @@ class Server:
         self.proc.wait(30)
 
 
-def kdumpd_server(tmp: str, copies: int, size: int, keep: bool) -> Server:
+def kdumpd_server(tmp: str, copies: int, size: int, keep: bool, threads: int,
+                  scrub_rate: int) -> Server:
     pool = copies * size + 64 * MiB  # room for the spares and the unused tail
     image = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tmp,
                          f"kdumpd-bench-{os.getpid()}-{copies}.img")
@@ -113,7 +127,7 @@ def kdumpd_server(tmp: str, copies: int, size: int, keep: bool) -> Server:
     rc = RunConf(
         run_dir=run_dir, package_dir=str(TOP / "daemon"), backend=f"image:{image}",
         extents=extents, ranges=(PhysRange(BASE, BASE + pool, 0),), copies=copies,
-        size_bytes=size, min_distance_bytes=2 * MiB, scrub_rate=16 * MiB,
+        size_bytes=size, min_distance_bytes=2 * MiB, scrub_rate=scrub_rate,
         status_interval=1.0, protect=False, log_level="warning",
     )
     conf = os.path.join(run_dir, "runconf.json")
@@ -122,7 +136,8 @@ def kdumpd_server(tmp: str, copies: int, size: int, keep: bool) -> Server:
     env = nbdkit_env()
     if not keep:
         env["KDUMPD_NO_KEEP_TSTATE"] = "1"
-    server = Server(["nbdkit", "-f", "-U", sock, "python", PLUGIN_PATH, f"runconf={conf}"],
+    server = Server(["nbdkit", "-f", "-U", sock, "--threads", str(threads), "python",
+                     PLUGIN_PATH, f"runconf={conf}"],
                     sock, env)
     server.image = image  # type: ignore[attr-defined]
     return server
@@ -136,6 +151,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-keep", action="store_true",
                     help="also run copies=2 without the thread-state trick")
+    ap.add_argument("--threads", type=int, default=16, help="nbdkit --threads (both servers)")
+    ap.add_argument("--scrub-rate", type=int, default=16 * MiB)
     ap.add_argument("--tests", default="", help="comma-separated substrings of test names")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -153,16 +170,18 @@ def main() -> int:
             for name, c, keep in configs:
                 if c == 0:
                     sock = os.path.join(tmp, "mem.sock")
-                    srv = Server(["nbdkit", "-f", "-U", sock, "memory", str(size)], sock)
+                    srv = Server(["nbdkit", "-f", "-U", sock, "--threads", str(args.threads),
+                                  "memory", str(size)], sock)
                 else:
-                    srv = kdumpd_server(tmp, c, size, keep)
+                    srv = kdumpd_server(tmp, c, size, keep, args.threads, args.scrub_rate)
                 try:
                     prefill(srv.sock, size)
                     for tname, rw, bs, qd in tests:
-                        r = fio(srv.sock, rw, bs, qd, args.seconds, size)
+                        r = fio(srv.sock, rw, bs, qd, args.seconds, size, srv.proc.pid)
                         results.setdefault(name, {}).setdefault(tname, []).append(r)
                         print(f"  {name:<20} {tname:<18} {r['iops']:>9.0f} IOPS "
-                              f"{r['mibs']:>8.0f} MiB/s {r['lat_us']:>7.1f} us", flush=True)
+                              f"{r['mibs']:>8.0f} MiB/s {r['lat_us']:>7.1f} us "
+                              f"{r['cpu_us']:>6.1f} us CPU/req", flush=True)
                     rss[name] = srv.rss_mib()
                 finally:
                     srv.stop()
@@ -185,6 +204,13 @@ def main() -> int:
             cells.append(f"{v:.0f} ({v / anchor:.2f}x)")
         print(f"| {tname} | " + " | ".join(cells) + " |")
     print("| RSS after the run (MiB) | " + " | ".join(f"{rss[n]:.0f}" for n in names) + " |")
+    print()
+    print("Server CPU per request (us; all threads of the nbdkit process):")
+    print("| test | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for tname, _, _, _ in tests:
+        print(f"| {tname} | " + " | ".join(f"{med[n][tname]['cpu_us']:.1f}" for n in names)
+              + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"median": med, "rss_mib": rss, "seconds": args.seconds,

@@ -133,6 +133,13 @@ def get_ready():
 
 
 def after_fork():
+    # Memory locks do not survive fork, so they are taken here, in the serving process.
+    if _service.rc.mlock == "onfault":
+        from kdumpd.nbd.protect import mlockall
+
+        _service.protections["mlockall"] = mlockall(onfault=True)
+    elif _service.rc.mlock == "all":
+        _service.protections["mlockall"] = "all (nbdkit --swap)"
     _service.start()
 
 

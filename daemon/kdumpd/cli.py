@@ -283,8 +283,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{i['scrubbed_blocks']} blocks)")
     rss, anon = st["rss_bytes"], st["rss_anon_bytes"]
     print(f"  memory     daemon {_fmt_bytes(rss['daemon'])} RSS ({_fmt_bytes(anon['daemon'])} "
-          f"anon), nbdkit {_fmt_bytes(rss['nbdkit'])} RSS ({_fmt_bytes(anon['nbdkit'])} anon); "
-          f"{_fmt_bytes(st['locked_bytes'] or 0)} locked")
+          f"anon), nbdkit {_fmt_bytes(rss['nbdkit'])} RSS ({_fmt_bytes(anon['nbdkit'])} anon)")
+    prot = st.get("protections") or {}
+    print("  protect    " + (", ".join(f"{k} {v}" for k, v in sorted(prot.items())) or "off"))
     return 0 if st["running"] else 1
 
 

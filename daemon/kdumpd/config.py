@@ -218,6 +218,10 @@ KEYS: dict[str, _Key] = {
     "min_distance": _Key(_min_distance, 2 << 20, "minimum distance between copies"),
     "protect": _Key(parse_bool, True,
                     "oom_score_adj -1000, PR_SET_IO_FLUSHER and mlockall on the I/O path"),
+    "mlock": _Key(_choice("onfault", "all", "off"), "onfault",
+                  "how nbdkit is locked in RAM once attached: onfault (the plugin locks pages "
+                  "as they are touched), all (nbdkit --swap: every mapping, ~200 MiB more "
+                  "with Debian's nbdkit 1.32), off"),
     "nbdkit": _Key(_path, "nbdkit", "the nbdkit binary"),
     "status_interval": _Key(_seconds, 1.0, "seconds between status.json updates"),
     "log_level": _Key(_choice("debug", "info", "warning", "error"), "info", "log level"),

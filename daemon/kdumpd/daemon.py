@@ -198,6 +198,8 @@ def prepare(cfg: Config) -> Prepared:
         status_interval=float(cfg["status_interval"]),
         protect=bool(cfg["protect"]),
         log_level=str(cfg["log_level"]),
+        # Locking matters once the kernel's own I/O (swap-out, writeback) depends on nbdkit.
+        mlock=str(cfg["mlock"]) if cfg.attach and cfg["protect"] else "off",
         plan_summary=summary,
     )
     path = os.path.join(run_dir, "runconf.json")
@@ -380,8 +382,9 @@ def _start(s: _Serving) -> None:
     os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
     argv = server.nbdkit_argv(
         runconf=s.prepared.runconf_path, socket=sock, nbdkit=str(cfg["nbdkit"]),
-        # mlockall whenever the kernel's own I/O (swap-out, writeback) will depend on nbdkit.
-        swap=attach and bool(cfg["protect"]), threads=int(cfg["threads"]),
+        # nbdkit --swap only when asked for (mlock = all): the plugin's on-fault lock costs
+        # only resident pages (see kdumpd.nbd.protect).
+        swap=s.prepared.runconf.mlock == "all", threads=int(cfg["threads"]),
         # Detached, nbdkit goes with the daemon; attached, the kernel's I/O depends on it, so
         # it outlives a killed daemon until `kdumpd stop` tears down in order.
         exit_with_parent=not attach,

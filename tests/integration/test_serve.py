@@ -324,3 +324,25 @@ def test_sd_notify_ready_and_status(vmcore, image, tmp_path: Path) -> None:
     finally:
         s.kill()
         srv.close()
+
+
+def test_plugin_imports_the_package_whatever_venv_is_first_on_path(vmcore, image,
+                                                                  tmp_path: Path) -> None:
+    """An activated venv without system packages first on PATH (an embedded CPython finds its
+    prefix through the python3 on PATH): nbdkit must still get Debian's numpy and this
+    checkout's kdumpd."""
+    from tests.integration.conftest import _env, start_serve
+
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    env = _env()
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
+    env["VIRTUAL_ENV"] = str(venv)
+    s = start_serve(vmcore, image, tmp_path / "run", env=env)
+    try:
+        h = connect(s.uri)
+        h.pwrite(b"\x42" * 8192, 4096)
+        assert h.pread(8192, 4096) == b"\x42" * 8192
+        h.shutdown()
+    finally:
+        s.kill()

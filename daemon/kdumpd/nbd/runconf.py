@@ -41,6 +41,7 @@ class RunConf:
     protect: bool
     log_level: str = "info"
     selftest: bool = True
+    mlock: str = "off"  # "onfault": the plugin locks its pages as they fault in
     plan_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,6 +68,7 @@ class RunConf:
             "protect": self.protect,
             "log_level": self.log_level,
             "selftest": self.selftest,
+            "mlock": self.mlock,
             "plan": self.plan_summary,
         }
 
@@ -90,6 +92,7 @@ class RunConf:
                 protect=bool(doc["protect"]),
                 log_level=str(doc.get("log_level", "info")),
                 selftest=bool(doc.get("selftest", True)),
+                mlock=str(doc.get("mlock", "off")),
                 plan_summary=dict(doc.get("plan", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:

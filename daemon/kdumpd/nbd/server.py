@@ -107,10 +107,16 @@ def nbdkit_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     env.setdefault("MALLOC_ARENA_MAX", "2")  # nbdkit's worker threads; keep the heap small
-    # The embedded interpreter is Debian's /usr/bin/python3: a venv's or pyenv's variables
-    # would point it at the wrong standard library.
+    # The embedded interpreter is Debian's libpython (prefix /usr): a venv's or pyenv's
+    # variables would point it at the wrong standard library and site-packages. An embedded
+    # CPython also finds its prefix by looking for "python3" on PATH, so a pyenv or venv
+    # python3 first on PATH gives it that installation's sys.path (no Debian numpy): put the
+    # system directories first.
     for var in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "VIRTUAL_ENV"):
         env.pop(var, None)
+    system = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    rest = [d for d in env.get("PATH", "").split(os.pathsep) if d and d not in system]
+    env["PATH"] = os.pathsep.join(system + rest)
     return env
 
 

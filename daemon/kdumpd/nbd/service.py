@@ -253,7 +253,8 @@ class Service:
             "scrub": scrub,
             "rss_bytes": process_rss(),
             "rss_anon_bytes": process_rss("self", "RssAnon"),
-            "locked_bytes": process_rss("self", "VmLck"),
+            "locked_bytes": process_rss("self", "VmLck"),  # VMA sizes: with on-fault
+            # locking, more than is resident; rss_anon_bytes is what the lock really costs
             "protections": self.protections,
             "events": self.events.snapshot(),
             "events_total": self.events.count,
