@@ -90,6 +90,8 @@ def prefill(sock: str, size: int) -> None:
 class Server:
     def __init__(self, argv: list[str], sock: str, env: dict[str, str] | None = None) -> None:
         self.sock = sock
+        if os.path.exists(sock):
+            os.unlink(sock)
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
