@@ -153,7 +153,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-keep", action="store_true",
                     help="also run copies=2 without the thread-state trick")
-    ap.add_argument("--threads", type=int, default=16, help="nbdkit --threads (both servers)")
+    ap.add_argument("--threads", type=int, default=4,
+                    help="nbdkit --threads for both servers (kdumpd's default is 4)")
     ap.add_argument("--scrub-rate", type=int, default=16 * MiB)
     ap.add_argument("--tests", default="", help="comma-separated substrings of test names")
     ap.add_argument("--json", default=None)

@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from kdumpd.errors import (
     ServeError,
 )
 from kdumpd.journal import notify, setup_logging
-from kdumpd.nbd import server
+from kdumpd.nbd import server, supervise
 from kdumpd.nbd.protect import protect_process
 from kdumpd.nbd.runconf import RunConf, atomic_write_json, read_json
 from kdumpd.nbd.selftest import run_selftest
@@ -70,7 +71,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROC_VMCORE = "/proc/vmcore"
-_STATUS_EVERY = 5.0  # seconds between STATUS= updates to systemd
 
 
 class _Terminate(BaseException):
@@ -179,6 +179,11 @@ def prepare(cfg: Config) -> Prepared:
         raise RefusedError(f"the plan's {plan.reusable_bytes} bytes hold no block at "
                            f"{cfg.copies} copies")
     size = cfg.size or capacity
+    if cfg.size > capacity and cfg.use_as == "swap":
+        raise RefusedError(
+            f"size {human_size(cfg.size)} exceeds what old memory holds at {cfg.copies} copies "
+            f"({human_size(capacity)}) (rule: swap is never thin: a full pool would fail "
+            "swap-out with ENOSPC)")
     if cfg.size and cfg.size > capacity:
         log.warning("size %s exceeds the capacity %s at %d copies: writes past it get ENOSPC",
                     human_size(cfg.size), human_size(capacity), cfg.copies)
@@ -229,7 +234,7 @@ def _make_run_dir(run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: str) -> Iterator[None]:
+def _run_dir_lock(run_dir: str) -> Iterator[int]:
     path = os.path.join(run_dir, "kdumpd.pid")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -242,7 +247,7 @@ def _run_dir_lock(run_dir: str) -> Iterator[None]:
             raise ServeError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -277,6 +282,7 @@ class _Serving:
             "swap_on": self.swap_on,
             "mounted": self.mounted,
             "report": self.cfg["report"],
+            "log_level": self.cfg["log_level"],
             "started": round(self.started, 3),
             "version": __version__,
         })
@@ -338,14 +344,14 @@ def serve(cfg: Config) -> int:
     _make_run_dir(cfg.run_dir)
     old_handlers = _install_signals()
     try:
-        with _run_dir_lock(cfg.run_dir):
-            return _serve_locked(cfg)
+        with _run_dir_lock(cfg.run_dir) as lock_fd:
+            return _serve_locked(cfg, lock_fd)
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
 
 
-def _serve_locked(cfg: Config) -> int:
+def _serve_locked(cfg: Config, lock_fd: int) -> int:
     s = _Serving(cfg)
     rc = 0
     try:
@@ -356,7 +362,7 @@ def _serve_locked(cfg: Config) -> int:
                 _report_refusal(cfg, exc)
                 raise
             _start(s)
-            _wait(s)
+            _become_supervisor(s, lock_fd)  # only returns if exec failed
         except _Terminate as sig:
             log.info("%s: stopping", sig)
             notify(stopping=True, status="stopping")
@@ -370,6 +376,25 @@ def _serve_locked(cfg: Config) -> int:
         log.error("teardown incomplete: %s", "; ".join(s.errors))
         rc = ServeError.exit_code
     return rc
+
+
+def _become_supervisor(s: _Serving, lock_fd: int) -> None:
+    """Replace this process (numpy, the planner: ~42 MiB) by the slim supervisor (~15 MiB):
+    same pid, nbdkit stays our child, the run-directory lock is inherited. Signals are blocked
+    across the exec, so a SIGTERM meanwhile waits for the supervisor's handler."""
+    assert s.prepared is not None
+    s.save_state()
+    argv = supervise.exec_argv(s.prepared.runconf.package_dir, s.cfg.run_dir, lock_fd)
+    os.set_inheritable(lock_fd, True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, supervise.SIGNALS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.SIGNALS)
+        raise ServeError(f"cannot exec the supervisor {argv[0]}: {exc.strerror}") from None
 
 
 def _start(s: _Serving) -> None:
@@ -415,20 +440,6 @@ def _start(s: _Serving) -> None:
     notify(ready=True, status=_status_line(s))
 
 
-def _wait(s: _Serving) -> None:
-    assert s.nbdkit is not None
-    last = time.monotonic()
-    while True:
-        time.sleep(0.2)
-        if not s.nbdkit.alive():
-            rc = s.nbdkit.proc.returncode if s.nbdkit.proc else None
-            raise ServeError(f"nbdkit exited unexpectedly with status {rc}")
-        now = time.monotonic()
-        if now - last >= _STATUS_EVERY:
-            last = now
-            notify(status=_status_line(s))
-
-
 def _finish(s: _Serving) -> None:
     if s.prepared is None:
         return
@@ -449,13 +460,9 @@ def _plugin_status(run_dir: str) -> dict[str, Any]:
 
 
 def _status_line(s: _Serving) -> str:
-    st = _plugin_status(s.cfg.run_dir)
-    where = s.device or os.path.abspath(s.cfg.socket)
-    use = {"swap": " as swap", "scratch": f" on {s.cfg.mount}"}.get(s.cfg.use_as, "")
-    integ = st.get("integrity", {})
-    return (f"serving {human_size(int(st.get('size_bytes', 0)))} ({st.get('copies', '?')} "
-            f"copies) on {where}{use}; used {human_size(int(st.get('used_bytes', 0)))}; "
-            f"repaired {integ.get('repaired', 0)}, lost {integ.get('lost', 0)}")
+    return supervise.status_line(s.cfg.run_dir, {
+        "device": s.device, "socket": os.path.abspath(s.cfg.socket), "as": s.cfg.use_as,
+        "mounted": s.mounted})
 
 
 # -- report -----------------------------------------------------------------------------------

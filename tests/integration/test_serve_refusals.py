@@ -116,6 +116,7 @@ def test_precedence_file_cmdline_flags(vmcore, pristine, tmp_path) -> None:
     (["--copies", "4", "--min-distance", "512M"], 6, "placement: a pool of"),
     (["--dump-level", "1"], 6, "dump level 1 excludes no page class"),
     (["--nbdkit", "/nonexistent/nbdkit"], 9, "cannot start /nonexistent/nbdkit"),
+    (["--as", "swap", "--size", "8G"], 6, "swap is never thin"),
 ])
 def test_refusals_before_the_first_write(vmcore, pristine, tmp_path, extra, code, text) -> None:
     img, stamp = pristine
