@@ -21,20 +21,25 @@ import json
 import os
 import sys
 import threading
+from typing import Any, NoReturn
 
 import nbdkit
 
 API_VERSION = 2
 
-_params = {}
-_service = None
+_params: dict[str, str] = {}
+_service: Any = None  # kdumpd.nbd.service.Service, once get_ready has run
 _size = 0
-_readinto = _write = _trim = _zero = _flush = None
-_errno_for = None
-_runconf = None
+_readinto: Any = None  # the store's bound methods, looked up once
+_write: Any = None
+_trim: Any = None
+_zero: Any = None
+_flush: Any = None
+_errno_for: Any = None
+_runconf = ""
 
 
-def _record_error(exc):
+def _record_error(exc: BaseException) -> None:
     # Tell the daemon why startup failed (one line, the error class) before nbdkit exits.
     run_dir = None
     try:
@@ -52,7 +57,7 @@ def _record_error(exc):
         pass
 
 
-def _import_kdumpd(pkgdir):
+def _import_kdumpd(pkgdir: str) -> None:
     """Import ``kdumpd`` from ``pkgdir`` (the directory holding the package), whatever is on
     this interpreter's path. The directory is removed from sys.path once the package is
     imported: submodules resolve through the package itself, and numpy, xxhash and the rest
@@ -70,7 +75,7 @@ def _import_kdumpd(pkgdir):
         raise RuntimeError(f"imported kdumpd from {where}, expected {pkgdir}")
 
 
-def _default_pkgdir():
+def _default_pkgdir() -> str:
     # The source tree: nbd_plugin/ next to daemon/.
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
 
@@ -78,14 +83,14 @@ def _default_pkgdir():
 # -- configuration -------------------------------------------------------------------------
 
 
-def config(key, value):
+def config(key: str, value: str) -> None:
     if key in ("runconf", "pkgdir"):
         _params[key] = value
     else:
         raise RuntimeError(f"unknown parameter: {key} (expected runconf=FILE [pkgdir=DIR])")
 
 
-def config_complete():
+def config_complete() -> None:
     global _runconf
     if "runconf" not in _params:
         raise RuntimeError("runconf parameter is required")
@@ -105,12 +110,12 @@ def config_complete():
         raise
 
 
-def thread_model():
+def thread_model() -> int:
     # The store takes its own lock per request; requests overlap in nbdkit's C code.
-    return nbdkit.THREAD_MODEL_PARALLEL
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
-def get_ready():
+def get_ready() -> None:
     global _service, _size, _readinto, _write, _trim, _zero, _flush, _errno_for
     try:
         from kdumpd.nbd.protect import protect_process
@@ -133,7 +138,7 @@ def get_ready():
     _errno_for = errno_for
 
 
-def after_fork():
+def after_fork() -> None:
     # Memory locks do not survive fork, so they are taken here, in the serving process.
     if _service.rc.mlock == "onfault":
         from kdumpd.nbd.protect import mlockall
@@ -144,7 +149,7 @@ def after_fork():
     _service.start()
 
 
-def cleanup():
+def cleanup() -> None:
     if _service is not None:
         _service.stop()
 
@@ -160,7 +165,7 @@ _tls = threading.local()
 _KEEP = os.environ.get("KDUMPD_NO_KEEP_TSTATE") != "1"  # off only to measure what it buys
 
 
-def _keep_thread_state():
+def _keep_thread_state() -> None:
     # Called with the GIL held, inside a callback, when this thread's local is fresh (so its
     # thread state is the one nbdkit's PyGILState_Ensure just made). One more Ensure that is
     # never released keeps the count above zero, so nbdkit's Release no longer destroys it.
@@ -172,53 +177,53 @@ def _keep_thread_state():
 # -- per connection ------------------------------------------------------------------------
 
 
-def open(readonly):  # noqa: A001 - nbdkit's callback name
+def open(readonly: bool) -> int:  # noqa: A001 - nbdkit's callback name
     return 1
 
 
-def get_size(h):
+def get_size(h: int) -> int:
     return _size
 
 
-def block_size(h):
+def block_size(h: int) -> tuple[int, int, int]:
     return (1, 4096, 32 << 20)
 
 
-def is_rotational(h):
+def is_rotational(h: int) -> bool:
     return False
 
 
-def can_write(h):
+def can_write(h: int) -> bool:
     return True
 
 
-def can_flush(h):
+def can_flush(h: int) -> bool:
     return True
 
 
-def can_trim(h):
+def can_trim(h: int) -> bool:
     return True
 
 
-def can_zero(h):
+def can_zero(h: int) -> bool:
     return True
 
 
-def can_fast_zero(h):
+def can_fast_zero(h: int) -> bool:
     return True  # whole blocks are freed in the table; only partial edges are written
 
 
-def can_fua(h):
+def can_fua(h: int) -> int:
     # A write is in old memory (its final place) when pwrite returns: nothing to force.
-    return nbdkit.FUA_NATIVE
+    return int(nbdkit.FUA_NATIVE)
 
 
-def can_multi_conn(h):
+def can_multi_conn(h: int) -> bool:
     return True  # one store in one process serves every connection
 
 
-def can_cache(h):
-    return nbdkit.CACHE_NONE
+def can_cache(h: int) -> int:
+    return int(nbdkit.CACHE_NONE)
 
 
 # -- data path -----------------------------------------------------------------------------
@@ -229,17 +234,18 @@ def can_cache(h):
 # blocks), and with 16 workers a 64 KiB request cost 2-3x its CPU (measured in process: 64 KiB
 # writes 97 -> 54 us CPU per request with 16 threads). One-block requests hash with the GIL
 # held, never spin, and stay ungated (gating them costs more than it saves).
-_multi = threading.Lock() if os.environ.get("KDUMPD_NO_MULTI_GATE") != "1" else (
-    contextlib.nullcontext())
+_multi: contextlib.AbstractContextManager[Any] = threading.Lock()
+if os.environ.get("KDUMPD_NO_MULTI_GATE") == "1":  # to measure what the gate buys
+    _multi = contextlib.nullcontext()
 
 
-def _fail(exc):
+def _fail(exc: BaseException) -> NoReturn:
     nbdkit.set_error(_errno_for(exc))
     # A short exception for nbdkit's log: the store's own log already has the details.
     raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
-def pread(h, buf, offset, flags):
+def pread(h: int, buf: memoryview, offset: int, flags: int) -> None:
     if "kept" not in _tls.__dict__:
         _keep_thread_state()
     try:
@@ -252,7 +258,7 @@ def pread(h, buf, offset, flags):
         _fail(exc)
 
 
-def pwrite(h, buf, offset, flags):
+def pwrite(h: int, buf: memoryview, offset: int, flags: int) -> None:
     if "kept" not in _tls.__dict__:
         _keep_thread_state()
     try:
@@ -265,7 +271,7 @@ def pwrite(h, buf, offset, flags):
         _fail(exc)
 
 
-def trim(h, count, offset, flags):
+def trim(h: int, count: int, offset: int, flags: int) -> None:
     if "kept" not in _tls.__dict__:
         _keep_thread_state()
     try:
@@ -274,7 +280,7 @@ def trim(h, count, offset, flags):
         _fail(exc)
 
 
-def zero(h, count, offset, flags):
+def zero(h: int, count: int, offset: int, flags: int) -> None:
     if "kept" not in _tls.__dict__:
         _keep_thread_state()
     try:
@@ -283,7 +289,7 @@ def zero(h, count, offset, flags):
         _fail(exc)
 
 
-def flush(h, flags):
+def flush(h: int, flags: int) -> None:
     try:
         _flush()
     except Exception as exc:
