@@ -18,6 +18,9 @@ ALLOWED: dict[str, set[str]] = {
     "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
     "safety": {"errors", "units", "vmcore", "mm", "crash", "safety"},
     "safeplan": {"errors", "units", "vmcore", "mm", "crash", "safety", "plan"},
+    "config": {"errors", "config"},
+    "journal": {"errors", "journal"},
+    "nbd": {"plan", "store", "oldmem", "journal", "errors", "units", "nbd"},
     "oldmem": {"errors", "units", "oldmem"},
     "store": {"errors", "units", "oldmem", "store"},
 }
