@@ -17,10 +17,11 @@ the same. ``docs/kdumpd.conf.example`` documents every key. This module imports 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdumpd.cmdline import iter_cmdline_params
 from kdumpd.errors import ConfigError
 
 __all__ = [
@@ -320,7 +321,7 @@ def parse_kernel_cmdline(cmdline: str) -> dict[str, tuple[Any, str]]:
     """The ``kdumpd.KEY=VALUE`` parameters of a kernel command line (quotes group, ``--``
     ends the kernel's part, as in the kernel's ``parse_args``)."""
     out: dict[str, tuple[Any, str]] = {}
-    for name, value in _iter_params(cmdline):
+    for name, value in iter_cmdline_params(cmdline):
         if not name.startswith(_PREFIX):
             continue
         k = _norm(name[len(_PREFIX) :])
@@ -334,25 +335,6 @@ def parse_kernel_cmdline(cmdline: str) -> dict[str, tuple[Any, str]]:
                                                    else f"unknown key {k!r}"))
         out[k] = (_parse_one(k, value, where), "kernel command line")
     return out
-
-
-def _iter_params(cmdline: str) -> Iterable[tuple[str, str | None]]:
-    i, n = 0, len(cmdline)
-    while i < n:
-        while i < n and cmdline[i].isspace():
-            i += 1
-        if i >= n:
-            return
-        start, quoted = i, False
-        while i < n and (quoted or not cmdline[i].isspace()):
-            if cmdline[i] == '"':
-                quoted = not quoted
-            i += 1
-        token = cmdline[start:i]
-        if token == "--":
-            return
-        name, eq, value = token.partition("=")
-        yield name.replace('"', ""), (value.replace('"', "") if eq else None)
 
 
 def load_config(

@@ -18,10 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
     "safety": {"errors", "units", "vmcore", "mm", "crash", "safety"},
     "safeplan": {"errors", "units", "vmcore", "mm", "crash", "safety", "plan"},
-    "config": {"errors", "config"},
+    "cmdline": set(),
+    "config": {"errors", "config", "cmdline"},
     "journal": {"errors", "journal"},
     "nbd": {"plan", "store", "oldmem", "journal", "errors", "units", "nbd"},
-    "oldmem": {"errors", "units", "oldmem"},
+    "oldmem": {"errors", "units", "oldmem", "cmdline"},
     "store": {"errors", "units", "oldmem", "store"},
 }
 

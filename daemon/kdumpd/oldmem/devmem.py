@@ -25,6 +25,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from kdumpd.cmdline import iter_cmdline_params
 from kdumpd.errors import BackendError, RefusedError
 from kdumpd.oldmem.base import BytesLike, RangeMap
 from kdumpd.units import PAGE_SIZE, PhysRange
@@ -43,33 +44,6 @@ _KDUMP_RULE = (
     "rule: /dev/mem is written only inside a kdump kernel "
     "(/proc/vmcore present and elfcorehdr= on the kernel command line)"
 )
-
-
-def iter_cmdline_params(cmdline: str) -> list[tuple[str, str | None]]:
-    """Split a kernel command line into ``(name, value)`` as the kernel's ``parse_args`` does.
-
-    Double quotes group spaces into one parameter and are stripped; a lone ``--`` ends the
-    kernel's parameters (the rest goes to init, not the kernel). ``value`` is None for a bare
-    ``name``.
-    """
-    params: list[tuple[str, str | None]] = []
-    i, n = 0, len(cmdline)
-    while i < n:
-        while i < n and cmdline[i].isspace():
-            i += 1
-        if i >= n:
-            break
-        start, quoted = i, False
-        while i < n and (quoted or not cmdline[i].isspace()):
-            if cmdline[i] == '"':
-                quoted = not quoted
-            i += 1
-        token = cmdline[start:i]
-        if token == "--":
-            break
-        name, eq, value = token.partition("=")
-        params.append((name.replace('"', ""), value.replace('"', "") if eq else None))
-    return params
 
 
 def is_kdump_kernel(proc_cmdline: str, vmcore_exists: bool) -> bool:
