@@ -178,6 +178,9 @@ install() {
     fi
     chmod 0644 "$initdir/etc/kdumpd.conf"
 
+    inst_simple "$moddir/kdumpd-memreserve" /usr/lib/kdumpd/kdumpd-memreserve || return 1
+    chmod 0755 "$initdir/usr/lib/kdumpd/kdumpd-memreserve"
+    inst_multiple systemctl awk grep || return 1
     inst_simple "$moddir/kdumpd.service" "$systemdsystemunitdir/kdumpd.service" || return 1
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target kdumpd.service
     return 0

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Shared by reference.sh and capture.sh (kdumpd e2e guest side).
+# shellcheck disable=SC2034  # T and E are used by the scripts that source this file
+
+T=/kdump-target                # the dump target: an ext4 virtio disk the host reads back
+E=/usr/libexec/kdumpd-e2e
+
+mark() {
+    echo "@@KDUMPD $*"
+}
+
+fail() {
+    mark FAIL "$*"
+    [ -d "$T/run" ] && echo "$*" >> "$T/run/failures.txt"
+    exit 1
+}
+
+now() {
+    date +%s.%N
+}
+
+# seconds between two `now` values
+elapsed() {
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'
+}
+
+# The value of NAME=VALUE on the kernel command line, or $2.
+cmdarg() {
+    local arg args
+    read -r -a args < /proc/cmdline
+    for arg in "${args[@]}"; do
+        case "$arg" in
+            "$1="*) echo "${arg#*=}"; return 0 ;;
+        esac
+    done
+    echo "$2"
+}
+
+timing() {
+    echo "$1 $2" >> "$T/run/timings.txt"
+}
+
+# /dev/vdX of the virtio disk with serial $1, waiting for udev to probe it.
+find_disk() {
+    local i d
+    for ((i = 0; i < 600; i++)); do
+        for d in /sys/block/vd*; do
+            [ -e "$d/serial" ] || continue
+            if [ "$(cat "$d/serial")" = "$1" ] && [ -b "/dev/${d##*/}" ]; then
+                echo "/dev/${d##*/}"
+                return 0
+            fi
+        done
+        sleep 0.2
+    done
+    return 1
+}
