@@ -477,7 +477,7 @@ def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> N
           f"into old memory via /dev/mem; kdumpd detected {integ.get('detected', 0)}, repaired "
           f"{integ.get('repaired', 0)}, lost {integ.get('lost', 0)}")
         dump = r.get("dump") or {}
-        p(f"      dump: makedumpfile -d 31 after = before: "
+        p("      dump: makedumpfile -d 31 after = before: "
           + ("IDENTICAL" if r.get("dump_identical") else "DIFFERENT")
           + f" ({dump.get('pages_compared', 0)} pages, {_mib(dump.get('final_bytes'))}"
           + (", staged on kdumpd's filesystem" if mode == "scratch" else "")
