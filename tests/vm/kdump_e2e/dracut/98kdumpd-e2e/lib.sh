@@ -5,13 +5,21 @@
 T=/kdump-target                # the dump target: an ext4 virtio disk the host reads back
 E=/usr/libexec/kdumpd-e2e
 
+# A mark for the host, in the journal and straight on the console (journald forwards to the
+# console asynchronously, and the last marks come just before the power goes off).
 mark() {
     echo "@@KDUMPD $*"
+    echo "@@KDUMPD $*" > /dev/console
 }
 
 fail() {
     mark FAIL "$*"
-    [ -d "$T/run" ] && echo "$*" >> "$T/run/failures.txt"
+    if [ -d "$T/run" ]; then
+        echo "$*" >> "$T/run/failures.txt"
+        dmesg > "$T/run/dmesg.txt"
+        journalctl -b -o short-monotonic --no-pager > "$T/run/journal.txt" 2>&1
+        sync
+    fi
     exit 1
 }
 
