@@ -21,7 +21,7 @@ installkernel() {
 install() {
     local _u
     inst_multiple makedumpfile bash awk grep sed sleep cat sync cp mkdir date dmesg stat \
-        journalctl timeout kill head tail tr wc df mountpoint || return 1
+        journalctl timeout kill head tail tr wc df mountpoint cmp || return 1
     inst_simple "$KDUMPD_E2E_BUILD/hog" /usr/libexec/kdumpd-e2e/hog || return 1
     for _u in lib.sh reference.sh capture.sh; do
         inst_simple "$moddir/$_u" "/usr/libexec/kdumpd-e2e/$_u" || return 1
