@@ -215,6 +215,7 @@ def main() -> None:
                 keep = store
             else:
                 del src
+                store.close()
                 image.close()
     bench_checksums(args.seconds, sums)
     if keep is not None:

@@ -152,6 +152,7 @@ def test_store_capacity_matches_the_store(tmp_path) -> None:
         img = ImageOldMem.create(tmp_path / f"i{pages}", (pages + 2) * 4096)
         store = BlockStore(img, p, size_bytes=4096)
         assert store.stats().capacity_bytes == store_capacity(p)
+        store.close()
         img.close()
 
 

@@ -48,6 +48,7 @@ def sums(request, tmp_path_factory):
 def store2(tmp_path, sums):
     store, image = make_store(tmp_path, copies=2, sums=sums)
     yield store, image
+    store.close()
     image.close()
 
 
@@ -139,6 +140,7 @@ def test_capacity_is_free_old_memory_over_copies(tmp_path) -> None:
         assert st.capacity_bytes == (groups - spares) * BS
         assert st.free_bytes == st.capacity_bytes  # thin: nothing placed yet
         assert st.size_bytes == 4096 * BS > st.capacity_bytes  # the device may exceed it
+        store.close()
         image.close()
 
 
@@ -154,6 +156,7 @@ def test_full_pool_raises_enospc_and_writes_nothing(tmp_path, sums) -> None:
     assert after.used_blocks == before.used_blocks and after.free_bytes == 2 * BS
     assert store.read((free_blocks - 2) * BS, 3 * BS) == bytes(3 * BS)
     store.write((free_blocks - 2) * BS, block_data(9, 2))  # what fits still fits
+    store.close()
     image.close()
 
 
@@ -190,6 +193,7 @@ def test_guard_wraps_the_backend(tmp_path) -> None:
     store = BlockStore(Guarded(image, extents), p, size_bytes=1 << 20)
     store.write(0, block_data(10))
     assert store.read(0, BS) == block_data(10)
+    store.close()
     image.close()
 
 
@@ -239,6 +243,7 @@ def test_every_bad_copy_is_repaired_from_the_last_good_one(tmp_path, sums) -> No
     assert good_copies(store, image, 0, data[:BS]) == [True, True, True]
     st = store.stats()
     assert (st.corruptions_detected, st.repaired, st.lost_blocks) == (4, 4, 0)
+    store.close()
     image.close()
 
 
@@ -266,6 +271,7 @@ def test_all_copies_bad_raises_integrity_error_never_data(tmp_path, sums) -> Non
         image.flip_bits(paddr, 1)
     store.trim(2 * BS, BS)  # so does a trim: it reads as zeros
     assert store.read(2 * BS, BS) == bytes(BS)
+    store.close()
     image.close()
 
 
@@ -276,6 +282,7 @@ def test_single_copy_has_no_second_chance(tmp_path, sums) -> None:
     with pytest.raises(IntegrityError):
         store.read(0, BS)
     assert store.stats().lost_blocks == 1
+    store.close()
     image.close()
 
 
@@ -298,11 +305,12 @@ def test_slot_that_keeps_failing_is_quarantined_and_block_moved(tmp_path, sums) 
     store.trim(0, BS)
     store.write(0, data)  # the retired group is never handed out again
     assert store.locate(0)[0] != old[0]
+    store.close()
     image.close()
 
 
 def test_repair_that_does_not_stick_quarantines_at_once(tmp_path, sums) -> None:
-    store, image = make_store(tmp_path, copies=2, sums=sums)
+    store, image = make_store(tmp_path, copies=2, sums=sums, fast=False)
     data = block_data(17, 2)
     store.write(0, data)
     bad = store.locate(1)[0]
@@ -316,7 +324,7 @@ def test_repair_that_does_not_stick_quarantines_at_once(tmp_path, sums) -> None:
 
 
 def test_relocation_skips_a_target_that_does_not_hold_data(tmp_path, sums) -> None:
-    store, image = make_store(tmp_path, copies=2, sums=sums)
+    store, image = make_store(tmp_path, copies=2, sums=sums, fast=False)
     data = block_data(20)
     store.write(0, data)
     old = store.locate(0)
@@ -336,7 +344,7 @@ def test_relocation_skips_a_target_that_does_not_hold_data(tmp_path, sums) -> No
 
 
 def test_lost_write_on_one_copy_is_caught_on_read(tmp_path, sums) -> None:
-    store, image = make_store(tmp_path, copies=2, sums=sums)
+    store, image = make_store(tmp_path, copies=2, sums=sums, fast=False)
     store.write(0, block_data(18))
     slot = store.locate(0)[0]
     image.lose_writes(slot, slot + BS)
@@ -387,6 +395,7 @@ def test_concurrent_readers_writers_and_scrub(tmp_path, sums) -> None:
     assert errors == []
     st = store.stats()
     assert st.corruptions_detected == 0 and st.lost_blocks == 0
+    store.close()
     image.close()
 
 

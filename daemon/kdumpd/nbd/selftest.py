@@ -51,9 +51,11 @@ def run_selftest(copies: int, workdir: str | None = None) -> int:
     store_log.setLevel(logging.CRITICAL + 1)  # the damage below is deliberate: no warnings
     try:
         img = ImageOldMem.create(path, (16 + pool + 16) * PAGE_SIZE)
+        stores: list[BlockStore] = []
         try:
             placement = Placement.from_extents(extents, copies, min_distance_bytes=PAGE_SIZE)
             store = BlockStore(img, placement, size_bytes=32 * PAGE_SIZE)
+            stores.append(store)
             checks: list[tuple[str, Callable[[], None]]] = [
                 ("checksum kernels agree", lambda: _check_sums(rng)),
                 ("fresh device reads zeros", lambda: _check_zeros(store)),
@@ -76,6 +78,8 @@ def run_selftest(copies: int, workdir: str | None = None) -> int:
                     raise SelfTestError(f"self-test '{name}' failed: {exc!r}") from exc
                 ran += 1
         finally:
+            for st in stores:
+                st.close()
             img.close()
     finally:
         store_log.setLevel(was_level)
@@ -203,12 +207,15 @@ def _check_guard(img: ImageOldMem, extents: list[Extent]) -> None:
 def _check_full(img: ImageOldMem, placement: Placement, rng: random.Random) -> None:
     # A thin device larger than the pool: writes past capacity must fail with ENOSPC.
     store = BlockStore(img, placement, size_bytes=(placement.ngroups + 8) * PAGE_SIZE)
-    cap = store.stats().capacity_bytes
-    store.write(0, rng.randbytes(cap))
     try:
-        store.write(cap, rng.randbytes(PAGE_SIZE))
-    except BackendError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise _fail(f"a full pool raised errno {exc.errno}, not ENOSPC") from None
-        return
-    raise _fail("a write past capacity succeeded")
+        cap = store.stats().capacity_bytes
+        store.write(0, rng.randbytes(cap))
+        try:
+            store.write(cap, rng.randbytes(PAGE_SIZE))
+        except BackendError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise _fail(f"a full pool raised errno {exc.errno}, not ENOSPC") from None
+            return
+        raise _fail("a write past capacity succeeded")
+    finally:
+        store.close()

@@ -115,6 +115,8 @@ class _ScrubView:
 
     def next_written(self, block: int) -> int | None:
         store = self._store
+        if store.fast_path is not None:
+            return store.next_written(block)  # a C scan, no probing needed
         end = min(block + self._PROBES, store.nblocks)
         for b in range(block, end):
             if store.locate(b) is not None:
@@ -205,6 +207,7 @@ class Service:
         self.write_status("stopped")
         self._closed = True
         logging.getLogger("kdumpd.store").removeHandler(self.events)
+        self.store.close()  # its C fast path maps the backend: let go first
         self.backend.close()
 
     def _status_loop(self) -> None:

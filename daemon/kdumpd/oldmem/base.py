@@ -179,6 +179,15 @@ class Guarded:
             raise self._refuse("write", paddr, nbytes)
         self.backend.pwrite(paddr, data)
 
+    def stable_view(self, paddr: int, nbytes: int) -> memoryview | None:
+        """The backend's stable view of ``[paddr, paddr + nbytes)`` (see
+        :mod:`kdumpd.store.fastpath`), refused outside the granted extents like any access;
+        None if the backend has none."""
+        if not self.covers(paddr, nbytes):
+            raise self._refuse("mapping", paddr, nbytes)
+        view = getattr(self.backend, "stable_view", None)
+        return None if view is None else view(paddr, nbytes)
+
     def flush(self) -> None:
         self.backend.flush()
 

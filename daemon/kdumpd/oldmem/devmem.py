@@ -15,6 +15,10 @@ It also refuses ranges that overlap the running kernel's own System RAM (read fr
 ``/proc/iomem``), and it never maps outside the ranges it was given: ``mmap`` of ``/dev/mem``
 fills page tables for the whole window at once (``remap_pfn_range``), so windows are bounded
 (``window_bytes``) and few (``max_windows``, least recently used evicted).
+
+:meth:`DevMem.stable_view` pins whole extents for the store's C fast path, up to
+``pin_bytes`` in all (default 4 GiB: 8 MiB of page tables at 8 bytes per 4 KiB page); extents
+past the budget stay on the windowed path.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class DevMem:
         proc_root: str = "/proc",
         window_bytes: int = 32 << 20,
         max_windows: int = 32,
+        pin_bytes: int = 4 << 30,
     ) -> None:
         cmdline, vmcore = read_kdump_facts(proc_root)
         if not is_kdump_kernel(cmdline, vmcore):
@@ -107,6 +112,8 @@ class DevMem:
         self._wshift = window_bytes.bit_length() - 1
         self._max_windows = max_windows
         self._windows: OrderedDict[int, tuple[mmap.mmap, memoryview, int, int]] = OrderedDict()
+        self._pinned: list[tuple[mmap.mmap, memoryview]] = []
+        self._pin_left = pin_bytes
         try:
             # No O_SYNC: O_SYNC makes x86 map the pages uncached, which is orders of magnitude
             # slower; coherence with devices is not ours to keep (checksums catch DMA).
@@ -190,6 +197,19 @@ class DevMem:
             mv[start : start + take] = src[pos : pos + take]
             pos += take
 
+    def stable_view(self, paddr: int, nbytes: int) -> memoryview | None:
+        """A mapping of ``[paddr, paddr + nbytes)`` kept until :meth:`close`, or None past the
+        pin budget or across a range boundary (the caller then uses pread/pwrite)."""
+        if nbytes <= 0 or nbytes > self._pin_left or paddr & (PAGE_SIZE - 1) or \
+                self._map.translate(paddr, nbytes) < 0:
+            return None
+        mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=paddr)
+        view = memoryview(mm)
+        self._pinned.append((mm, view))
+        self._pin_left -= nbytes
+        return view
+
     def flush(self) -> None:
         # Stores through the mapping land in RAM (cached, coherent): nothing to write back.
         # msync() would even fail, since /dev/mem has no fsync (EINVAL).
@@ -198,4 +218,12 @@ class DevMem:
     def close(self) -> None:
         for key in list(self._windows):
             self._evict(key)
+        for mm, view in self._pinned:
+            try:
+                view.release()
+            except BufferError:
+                raise BackendError("devmem: a store still maps it (close the store first)") \
+                    from None
+            mm.close()
+        self._pinned.clear()
         os.close(self._fd)

@@ -58,6 +58,7 @@ class ImageOldMem:
         finally:
             os.close(fd)
         self._mv = memoryview(self._mm)
+        self._views: list[memoryview] = []
         self._lost: list[tuple[int, int]] = []
         self.writable = writable
 
@@ -109,11 +110,29 @@ class ImageOldMem:
             return
         self._raw_write(paddr, memoryview(data).cast("B"))
 
+    def stable_view(self, paddr: int, nbytes: int) -> memoryview | None:
+        """A view of the mapping over ``[paddr, paddr + nbytes)``, valid until :meth:`close`
+        (the store's C fast path writes through it); None if the range is not contiguous in
+        the file or the image is read-only."""
+        off = self._map.translate(paddr, nbytes)
+        if off < 0 or not self.writable:
+            return None
+        view = self._mv[off : off + nbytes]
+        self._views.append(view)
+        return view
+
     def flush(self) -> None:
         if self.writable:
             self._mm.flush()
 
     def close(self) -> None:
+        for view in self._views:
+            try:
+                view.release()
+            except BufferError:
+                raise BackendError(f"image {self.path}: a store still maps it (close the store "
+                                   "first)") from None
+        self._views.clear()
         self._mv.release()
         self._mm.close()
 
@@ -177,6 +196,10 @@ class ImageOldMem:
         """From now on, silently drop the bytes of any write that fall in ``[start, end)``."""
         if not start_paddr < end_paddr:
             raise ValueError(f"empty lost-write range [{start_paddr:#x}, {end_paddr:#x})")
+        if self._views:
+            # Writes through a stable view are plain stores: nothing could drop them.
+            raise BackendError("lost writes cannot be injected once stable views are out "
+                               "(build the store with fast=False)")
         self._lost.append((start_paddr, end_paddr))
 
     def clear_faults(self) -> None:

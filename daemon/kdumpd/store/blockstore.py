@@ -13,6 +13,10 @@ trimmed), or raises :class:`~kdumpd.errors.IntegrityError`. It never returns oth
 - **trim / zero**: whole blocks give their group back and read as zeros; write-zeroes writes
   zeros into partial blocks at the edges, trim leaves them alone (trim is advisory).
 
+Fast path: with the cffi kernels and a backend that maps the pool (``stable_view``), aligned
+reads and plain overwrites run whole in C with the GIL released (:mod:`kdumpd.store.fastpath`);
+the lock is then the fast path's reader-writer lock, which every path below takes exclusively.
+
 Locking: one mutex, held for each request. Everything the store does runs under the GIL (mmap
 copies and python-xxhash hold it), so finer locks could not let two requests run at once; they
 would only cost more per request. nbdkit's PARALLEL thread model is safe: requests overlap in
@@ -38,6 +42,7 @@ from kdumpd.store.blocksum import (
     checksum,
     default_block_sums,
 )
+from kdumpd.store.fastpath import FastLock, FastPath
 from kdumpd.store.mutex import YieldingMutex
 from kdumpd.store.placement import Placement
 from kdumpd.store.repair import Repairer
@@ -121,6 +126,8 @@ class BlockStore:
 
     ``backend`` is wrapped in :class:`~kdumpd.oldmem.base.Guarded` over the placement's
     extents unless it is already guarded (then every placement extent must lie inside it).
+    ``fast``: None takes the C fast path when it is available, False never (fault injection
+    that must see every write), True requires it.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class BlockStore:
         quarantine_after: int = 3,
         spare_groups: int | None = None,
         block_sums: BlockSums | None = None,
+        fast: bool | None = None,
     ) -> None:
         if block_size != BLOCK_SIZE:
             raise ConfigError(f"block size must be {BLOCK_SIZE} (swap's unit), not {block_size}")
@@ -162,14 +170,22 @@ class BlockStore:
         self._t = SlotTable(size_bytes >> _SHIFT, ngroups, spare_groups=spare_groups)
         self.size_bytes = size_bytes
         self.nblocks = size_bytes >> _SHIFT
-        self._lock = YieldingMutex()
+        self._fast = (FastPath.create(self._sums, placement, self._mem, self._t)
+                      if fast is not False else None)
+        if fast and self._fast is None:
+            raise ConfigError("store: the C fast path is not available (cffi kernels not "
+                              "built, or the backend maps none of the pool)")
+        self._lock: YieldingMutex | FastLock = (
+            self._fast.lock if self._fast is not None else YieldingMutex())
         self._fixer = Repairer(self._mem, placement, self._t, quarantine_after=quarantine_after)
         self._copybufs = [memoryview(bytearray(BLOCK_SIZE)) for _ in range(self._n)]
         self._reads = self._writes = self._trims = self._zeroes = 0
         self._blocks_read = self._blocks_written = self._scrubbed = 0
-        log.info("store: %d MiB device, %s, %d spare groups, metadata %d KiB, %s checksums",
+        log.info("store: %d MiB device, %s, %d spare groups, metadata %d KiB, %s checksums, %s",
                  size_bytes >> 20, placement.describe(), spare_groups, self._t.nbytes() >> 10,
-                 self._sums.name)
+                 self._sums.name,
+                 f"C fast path over {self._fast.mapped_extents}/{len(placement.extents)} extents"
+                 if self._fast is not None else "Python path")
 
     # -- public API ------------------------------------------------------------------------
 
@@ -184,6 +200,12 @@ class BlockStore:
     @property
     def placement(self) -> Placement:
         return self._p
+
+    @property
+    def fast_path(self) -> FastPath | None:
+        """The C fast path, for callers (the nbdkit plugin) that try it before the methods
+        below; None when the store runs in Python only."""
+        return self._fast
 
     def read(self, offset: int, nbytes: int) -> bytes:
         """The ``nbytes`` at ``offset``; see :meth:`readinto` for the zero-copy form."""
@@ -200,6 +222,15 @@ class BlockStore:
         self._check_range(offset, nbytes)
         if nbytes == 0:
             return
+        fast = self._fast
+        if fast is not None and not (offset | nbytes) & _MASK:
+            done = fast.read(offset >> _SHIFT, mv)
+            if done << _SHIFT == nbytes:
+                return
+            # The rest (a copy that failed its checksum, an unmapped slot) goes to Python.
+            offset += done << _SHIFT
+            nbytes -= done << _SHIFT
+            mv = mv[done << _SHIFT :]
         raw = self._lock.raw
         if not raw.acquire(False):
             self._lock.wait()
@@ -225,6 +256,9 @@ class BlockStore:
         nbytes = mv.nbytes
         self._check_range(offset, nbytes)
         if nbytes == 0:
+            return
+        fast = self._fast
+        if fast is not None and not (offset | nbytes) & _MASK and fast.write(offset >> _SHIFT, mv):
             return
         raw = self._lock.raw
         if not raw.acquire(False):
@@ -268,6 +302,14 @@ class BlockStore:
         with self._lock:
             self._mem.flush()
 
+    def close(self) -> None:
+        """Let go of the backend's mappings (call before closing the backend); the store is
+        unusable afterwards. Idempotent."""
+        if self._fast is not None:
+            with self._lock:
+                pass  # no request is in flight past this point
+            self._fast.close()
+
     def verify_block(self, block: int) -> BlockCheck:
         """Verify every copy of ``block`` and repair the bad ones (the scrubber's primitive).
 
@@ -276,6 +318,13 @@ class BlockStore:
         """
         if not 0 <= block < self.nblocks:
             raise ValueError(f"block {block} outside the device (0..{self.nblocks - 1})")
+        if self._fast is not None:
+            r = self._fast.verify(block)  # every copy hashed in place, in C
+            if r == 0:
+                return BlockCheck.UNWRITTEN
+            if r == 1:
+                self._scrubbed += 1  # one scrubber thread calls this
+                return BlockCheck.CLEAN
         with self._lock:
             t = self._t
             group = t.groups.item(block)
@@ -306,6 +355,9 @@ class BlockStore:
 
     def next_written(self, block: int) -> int | None:
         """The first written block at or after ``block``, or None."""
+        if self._fast is not None:
+            b = self._fast.next_written(block)
+            return b if b < self.nblocks else None
         groups = self._t.groups
         while block < self.nblocks:
             with self._lock:
@@ -325,13 +377,15 @@ class BlockStore:
         with self._lock:
             t = self._t
             capacity = self._p.ngroups - t.spare_groups - len(t.retired)
+            reads, writes, blocks_read, blocks_written = (
+                self._fast.counters() if self._fast is not None else (0, 0, 0, 0))
             return StoreStats(
-                reads=self._reads,
-                writes=self._writes,
+                reads=self._reads + reads,
+                writes=self._writes + writes,
                 trims=self._trims,
                 zeroes=self._zeroes,
-                blocks_read=self._blocks_read,
-                blocks_written=self._blocks_written,
+                blocks_read=self._blocks_read + blocks_read,
+                blocks_written=self._blocks_written + blocks_written,
                 corruptions_detected=self._fixer.corrupt,
                 repaired=self._fixer.repaired,
                 quarantined_slots=self._fixer.quarantined,

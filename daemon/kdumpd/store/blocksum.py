@@ -89,8 +89,8 @@ class CffiBlockSums:
     name = "cffi"
 
     def __init__(self, module: ModuleType) -> None:
-        self._ffi: Any = module.ffi
-        self._lib: Any = module.lib
+        self.ffi: Any = module.ffi
+        self.lib: Any = module.lib
         # Self-test against the Python path before trusting it with data.
         probe = bytes(range(256)) * 32
         if self.checksums(memoryview(probe)) != PyBlockSums().checksums(memoryview(probe)):
@@ -100,9 +100,9 @@ class CffiBlockSums:
         n = len(expected)
         if buf.nbytes < n << PAGE_SHIFT:
             raise ValueError("buffer shorter than the checksums given")
-        ffi = self._ffi
+        ffi = self.ffi
         return int(
-            self._lib.kdumpd_first_bad(
+            self.lib.kdumpd_first_bad(
                 ffi.from_buffer(buf), n, ffi.from_buffer("uint64_t[]", expected)
             )
         )
@@ -110,8 +110,8 @@ class CffiBlockSums:
     def checksums(self, buf: memoryview) -> list[int]:
         n = buf.nbytes >> PAGE_SHIFT
         out = np.empty(n, dtype=np.uint64)
-        ffi = self._ffi
-        self._lib.kdumpd_checksums(
+        ffi = self.ffi
+        self.lib.kdumpd_checksums(
             ffi.from_buffer(buf), n, ffi.from_buffer("uint64_t[]", out, require_writable=True)
         )
         result: list[int] = out.tolist()

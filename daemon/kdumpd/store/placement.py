@@ -101,6 +101,11 @@ class Placement:
         i = bisect_right(self._cum, idx) - 1
         return self._start_pfns[i] + idx - self._cum[i]
 
+    def pool_offsets(self) -> tuple[int, ...]:
+        """Pool index (= slot index ``copy * ngroups + group``) of each extent's first page,
+        then the pool size: the table the C fast path searches."""
+        return self._cum
+
     def slot_paddr(self, copy: int, group: int) -> int:
         idx = copy * self.ngroups + group
         cum = self._cum

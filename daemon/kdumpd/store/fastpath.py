@@ -1,0 +1,182 @@
+"""The store's fast path: aligned reads and overwrites done whole in C, off the GIL.
+
+Why: under nbdkit every request is a Python callback, and Python work serialises on the GIL.
+In the Python path a 4 KiB read costs ~3 us of interpreter time (table lookups, placement,
+guard and backend address arithmetic, a copy, a checksum), and with several nbdkit worker
+threads the GIL changes hands on every request, which roughly triples that
+(``docs/serve.md``, "Bench figures"). Here the same work is one C call that releases the GIL:
+it looks the block up, copies it from the mapped slot, and verifies the checksum on the copy
+the caller gets, under a reader-writer lock, so several worker threads copy and hash at once.
+
+What stays in Python (:class:`~kdumpd.store.blockstore.BlockStore`), taking the same lock
+exclusively through :class:`FastLock`: unaligned requests, writes that place or free a group
+(new blocks, zero blocks), trim, zero, every repair (the C read stops at the first block that
+fails its checksum and hands the rest to Python), the scrubber, and any slot the backend could
+not map. The C side never allocates, frees, repairs or forgets a lost block; it refuses and the
+Python path does it, so there is one implementation of each rule.
+
+Preconditions, checked here: the cffi kernels include the fast path, and the backend hands out
+*stable* views (``stable_view``, valid until the backend closes) of the placement's extents.
+The views are checked against the guard (:class:`~kdumpd.oldmem.base.Guarded`) like any access.
+The store's tables are numpy arrays that are updated in place and never replaced, so the C
+side may keep their addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kdumpd.oldmem.base import Guarded
+from kdumpd.store.blocksum import ZERO_CHECKSUM, BlockSums, CffiBlockSums
+from kdumpd.store.placement import Placement
+from kdumpd.store.slot import SlotTable
+
+__all__ = ["FastLock", "FastPath"]
+
+log = logging.getLogger(__name__)
+
+
+class FastLock:
+    """The fast path's lock, taken exclusively by the store's Python paths.
+
+    It has :class:`~kdumpd.store.mutex.YieldingMutex`'s interface (``raw.acquire(False)``,
+    ``wait()``, a context manager). Blocking happens in C with the GIL released, so a Python
+    thread waiting here never holds up a C reader. Releasing it tells the C side whether plain
+    overwrites may go ahead: not while the table has lost blocks, since only Python forgets them.
+    """
+
+    __slots__ = ("_f", "_lib", "_table", "raw")
+
+    def __init__(self, lib: Any, handle: Any, table: SlotTable) -> None:
+        self._lib = lib
+        self._f = handle
+        self._table = table
+        self.raw = self
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if blocking:
+            self._lib.kdumpd_fast_lock(self._f)
+            return True
+        return bool(self._lib.kdumpd_fast_trylock(self._f))
+
+    def release(self) -> None:
+        self._lib.kdumpd_fast_unlock(self._f, 0 if self._table.lost else 1)
+
+    def wait(self) -> None:
+        self._lib.kdumpd_fast_lock(self._f)
+
+    def __enter__(self) -> None:
+        self._lib.kdumpd_fast_lock(self._f)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FastPath:
+    """C reads and overwrites over stable views of the placement's extents.
+
+    Build with :meth:`create`, which returns None when the preconditions do not hold.
+    """
+
+    __slots__ = ("__weakref__", "_counters", "_ffi", "_free", "_from_buffer", "_keep", "_lib",
+                 "_read", "_write", "handle", "lock", "mapped_extents")
+
+    def __init__(self, sums: CffiBlockSums, placement: Placement, views: list[memoryview | None],
+                 table: SlotTable) -> None:
+        ffi, lib = sums.ffi, sums.lib
+        self._ffi, self._lib = ffi, lib
+        cum = np.asarray(placement.pool_offsets(), dtype=np.uint64)
+        ptrs = [ffi.from_buffer(v, require_writable=True) if v is not None else ffi.NULL
+                for v in views]
+        base = ffi.new("unsigned char *[]", [ffi.cast("unsigned char *", p) for p in ptrs])
+        groups: npt.NDArray[np.uint32] = table.groups
+        sums_arr: npt.NDArray[np.uint64] = table.checksums
+        # The cffi buffers keep the views (and so the mappings) exported until close().
+        self._keep: list[Any] = [ptrs, base, cum]
+        handle = lib.kdumpd_fast_new(
+            placement.ngroups, placement.copies, len(views),
+            ffi.from_buffer("uint64_t[]", cum), base,
+            ffi.from_buffer("uint32_t[]", groups, require_writable=True),
+            ffi.from_buffer("uint64_t[]", sums_arr, require_writable=True),
+            len(groups), ZERO_CHECKSUM,
+        )
+        if handle == ffi.NULL:
+            raise MemoryError("kdumpd_fast_new")
+        self._keep += [groups, sums_arr]
+        self.handle = handle
+        # A store dropped without close() still frees the C side and releases the views.
+        self._free = weakref.finalize(self, _free, lib, handle, ffi, ptrs)
+        self.lock = FastLock(lib, handle, table)
+        self.mapped_extents = sum(v is not None for v in views)
+        self._read = lib.kdumpd_fast_read
+        self._write = lib.kdumpd_fast_write
+        self._from_buffer = ffi.from_buffer
+        self._counters = ffi.new("uint64_t[4]")
+
+    @classmethod
+    def create(cls, sums: BlockSums, placement: Placement, mem: Guarded,
+               table: SlotTable) -> FastPath | None:
+        """The fast path, or None (no C kernels, or the backend maps none of the extents)."""
+        if not isinstance(sums, CffiBlockSums) or not hasattr(sums.lib, "kdumpd_fast_new"):
+            return None
+        views = [mem.stable_view(e.start_paddr, e.end_paddr - e.start_paddr)
+                 for e in placement.extents]
+        if not any(v is not None for v in views):
+            return None
+        return cls(sums, placement, views, table)
+
+    def read(self, b0: int, mv: memoryview) -> int:
+        """Fill ``mv`` with whole blocks from ``b0``; the number of leading blocks served and
+        verified (fewer than asked: the rest is the Python path's; 0 out of range)."""
+        return int(self._read(self.handle, b0, mv.nbytes >> 12, self._from_buffer(mv)))
+
+    def write(self, b0: int, mv: memoryview) -> bool:
+        """Overwrite whole blocks from ``b0`` in every copy; False if it changed nothing and
+        the Python path must do the write."""
+        return bool(self._write(self.handle, b0, mv.nbytes >> 12, self._from_buffer(mv)))
+
+    def read_request(self, offset: int, buf: memoryview) -> bool:
+        """nbdkit's pread in one call: True if ``buf`` (byte format) was filled whole here.
+        The least Python per request, since every instruction here runs under the GIL."""
+        n = len(buf)
+        return not (offset | n) & 4095 and \
+            self._read(self.handle, offset >> 12, n >> 12, self._from_buffer(buf)) == n >> 12
+
+    def write_request(self, offset: int, buf: memoryview) -> bool:
+        """nbdkit's pwrite in one call: True if done here (a plain aligned overwrite)."""
+        n = len(buf)
+        return not (offset | n) & 4095 and \
+            self._write(self.handle, offset >> 12, n >> 12, self._from_buffer(buf)) == 1
+
+    def verify(self, block: int) -> int:
+        """0 unwritten, 1 every copy matches its checksum, -1 ask the Python path."""
+        return int(self._lib.kdumpd_fast_verify(self.handle, block))
+
+    def next_written(self, block: int) -> int:
+        """The first written block at or after ``block``; the block count if none."""
+        return int(self._lib.kdumpd_fast_next_written(self.handle, block))
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """Requests and blocks served here: reads, writes, blocks read, blocks written."""
+        self._lib.kdumpd_fast_counters(self.handle, self._counters)
+        c = self._counters
+        return int(c[0]), int(c[1]), int(c[2]), int(c[3])
+
+    def close(self) -> None:
+        """Free the C side and drop the views (the backend can then unmap). Idempotent; the
+        store must not be used afterwards."""
+        self._free()
+        self.handle = self._ffi.NULL
+        self._keep.clear()
+
+
+def _free(lib: Any, handle: Any, ffi: Any, ptrs: list[Any]) -> None:
+    lib.kdumpd_fast_free(handle)
+    for p in ptrs:
+        if p != ffi.NULL:
+            ffi.release(p)
