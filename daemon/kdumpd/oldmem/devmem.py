@@ -221,9 +221,9 @@ class DevMem:
         for mm, view in self._pinned:
             try:
                 view.release()
+                mm.close()
             except BufferError:
                 raise BackendError("devmem: a store still maps it (close the store first)") \
                     from None
-            mm.close()
         self._pinned.clear()
         os.close(self._fd)

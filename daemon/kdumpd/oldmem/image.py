@@ -126,15 +126,15 @@ class ImageOldMem:
             self._mm.flush()
 
     def close(self) -> None:
-        for view in self._views:
-            try:
+        try:
+            for view in self._views:
                 view.release()
-            except BufferError:
-                raise BackendError(f"image {self.path}: a store still maps it (close the store "
-                                   "first)") from None
+            self._mv.release()
+            self._mm.close()
+        except BufferError:
+            raise BackendError(f"image {self.path}: a store still maps it (close the store "
+                               "first)") from None
         self._views.clear()
-        self._mv.release()
-        self._mm.close()
 
     # -- fault injection: writes straight into the mapping, like a device would -----------
 

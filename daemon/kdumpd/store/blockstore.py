@@ -305,10 +305,14 @@ class BlockStore:
     def close(self) -> None:
         """Let go of the backend's mappings (call before closing the backend); the store is
         unusable afterwards. Idempotent."""
-        if self._fast is not None:
+        fast = self._fast
+        if fast is not None:
             with self._lock:
-                pass  # no request is in flight past this point
-            self._fast.close()
+                # No request is in flight past this point; later calls (there should be none)
+                # take the Python path under a lock of their own.
+                self._fast = None
+                self._lock = YieldingMutex()
+            fast.close()
 
     def verify_block(self, block: int) -> BlockCheck:
         """Verify every copy of ``block`` and repair the bad ones (the scrubber's primitive).
