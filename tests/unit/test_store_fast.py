@@ -162,7 +162,8 @@ def test_no_fast_path_without_views_or_c_kernels(tmp_path, sums) -> None:
 def test_devmem_pins_extents_within_its_budget(tmp_path) -> None:
     from tests.unit.test_oldmem_devmem import fake_devmem, fake_proc
 
-    ranges = [PhysRange(0x1000000, 0x1400000, 0x1000000), PhysRange(0x2000000, 0x2400000, 0x2000000)]
+    ranges = [PhysRange(0x1000000, 0x1400000, 0x1000000),
+              PhysRange(0x2000000, 0x2400000, 0x2000000)]
     mem = DevMem(ranges, proc_root=fake_proc(tmp_path), dev_path=fake_devmem(tmp_path),
                  pin_bytes=0x500000)
     first = mem.stable_view(0x1000000, 0x400000)
@@ -244,6 +245,8 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
     for t in helpers:
         t.join()
     assert not errors, errors[0]
+    for b in range(store.nblocks):  # every copy of every block holds the last write
+        assert store.verify_block(b) is not BlockCheck.LOST
     st = store.stats()
     assert st.lost_blocks == 0
     reads, writes, _, _ = fast.counters()
