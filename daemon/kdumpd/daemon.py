@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,12 +49,13 @@ from kdumpd.nbd.protect import protect_process
 from kdumpd.nbd.runconf import RunConf, atomic_write_json, read_json
 from kdumpd.nbd.selftest import run_selftest
 from kdumpd.nbd.service import open_backend, process_rss, store_capacity
-from kdumpd.oldmem.base import drop_contained
+from kdumpd.oldmem.base import drop_contained, identity_ranges
+from kdumpd.oldmem.devmem import DevMem
 from kdumpd.oldmem.vmcore_rw import VmcoreRW
 from kdumpd.plan import Plan
 from kdumpd.safeplan import gated_plan, host_facts_here
 from kdumpd.store.placement import Placement
-from kdumpd.units import PhysRange
+from kdumpd.units import Extent, PhysRange, coalesce
 from kdumpd.vmcore.core import Vmcore, open_vmcore
 
 __all__ = [
@@ -170,6 +171,9 @@ def prepare(cfg: Config) -> Prepared:
     if not plan.extents:
         raise RefusedError(f"the plan grants no old memory at dump level {plan.dump_level} "
                            "(rule: write only inside the plan)")
+    spec = _probe_auto(_resolve_backend(cfg), cfg, ranges, plan)
+    if spec == "devmem":
+        plan = _devmem_mappable(plan)
     selftests = run_selftest(cfg.copies, run_dir)
     log.info("self-test: %d checks passed", selftests)
     placement = Placement.from_extents(plan.extents, cfg.copies,
@@ -187,7 +191,6 @@ def prepare(cfg: Config) -> Prepared:
     if cfg.size and cfg.size > capacity:
         log.warning("size %s exceeds the capacity %s at %d copies: writes past it get ENOSPC",
                     human_size(cfg.size), human_size(capacity), cfg.copies)
-    spec = _probe_auto(_resolve_backend(cfg), cfg, ranges, plan)
     open_backend(spec, ranges, plan.extents).close()  # refusals happen here, before nbdkit
     summary = plan_summary(plan)
     rc = RunConf(
@@ -213,6 +216,26 @@ def prepare(cfg: Config) -> Prepared:
              "(capacity %s); backend %s", human_size(plan.reusable_bytes), len(plan.extents),
              plan.dump_level, human_size(size), cfg.copies, human_size(capacity), spec)
     return Prepared(plan, rc, path, capacity, selftests)
+
+
+def _devmem_mappable(plan: Plan) -> Plan:
+    """The plan less what /dev/mem will not map (busy iomem resources: see
+    :meth:`DevMem.mappable`), so that no slot is ever placed where a write would fail."""
+    mem = DevMem(identity_ranges(plan.extents))  # refuses outside a kdump kernel
+    try:
+        ok = mem.mappable()
+    finally:
+        mem.close()
+    extents = tuple(coalesce(Extent(lo >> 12, hi >> 12) for lo, hi in ok))
+    dropped = plan.reusable_pages - sum(e.npages for e in extents)
+    if not dropped:
+        return plan
+    why = (f"{dropped} pages ({human_size(dropped * 4096)}) that /dev/mem refuses to map "
+           "(busy iomem resources such as 'RAM buffer')")
+    log.info("devmem: left out %s", why)
+    if not extents:
+        raise RefusedError(f"devmem: the kernel refuses to map any of the plan: {why}")
+    return replace(plan, extents=extents, withheld={**plan.withheld, "devmem": why})
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

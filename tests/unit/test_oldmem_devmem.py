@@ -190,3 +190,31 @@ def test_write_across_a_range_end_writes_nothing(tmp_path) -> None:
         mem.pwrite(0x1FFFF0, b"b" * 0x20)
     assert mem.pread(0x1FFFF0, 0x10) == bytes(0x10)
     mem.close()
+
+
+def test_mappable_leaves_out_what_the_kernel_refuses(tmp_path, monkeypatch) -> None:
+    """x86 refuses mmap of busy iomem resources (a "RAM buffer" over old RAM in a kdump
+    kernel) with EPERM for the whole mapping: the probe bisects down to the page."""
+    import mmap as real_mmap
+
+    import kdumpd.oldmem.devmem as devmem_mod
+
+    busy = (0x1234000, 0x1236000)  # two pages inside the first range
+    real = real_mmap.mmap
+    calls = []
+
+    def fake_mmap(fd, length, *args, offset=0, **kw):  # type: ignore[no-untyped-def]
+        calls.append((offset, length))
+        if offset < busy[1] and busy[0] < offset + length:
+            raise PermissionError(1, "Operation not permitted")
+        return real(fd, length, *args, offset=offset, **kw)
+
+    ranges = [PhysRange(0x1000000, 0x1400000, 0x1000000),
+              PhysRange(0x2000000, 0x2100000, 0x2000000)]
+    mem = DevMem(ranges, proc_root=fake_proc(tmp_path), dev_path=fake_devmem(tmp_path))
+    monkeypatch.setattr(devmem_mod.mmap, "mmap", fake_mmap)
+    got = mem.mappable(chunk_bytes=0x100000)
+    assert got == [(0x1000000, busy[0]), (busy[1], 0x1400000), (0x2000000, 0x2100000)]
+    assert len(calls) < 40  # chunks plus a bisection, not a page-by-page walk
+    monkeypatch.setattr(devmem_mod.mmap, "mmap", real)
+    mem.close()

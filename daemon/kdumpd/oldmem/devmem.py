@@ -16,6 +16,12 @@ It also refuses ranges that overlap the running kernel's own System RAM (read fr
 fills page tables for the whole window at once (``remap_pfn_range``), so windows are bounded
 (``window_bytes``) and few (``max_windows``, least recently used evicted).
 
+:meth:`DevMem.mappable` finds what the kernel lets it map: besides System RAM, x86's
+``devmem_is_allowed`` refuses busy iomem resources (``CONFIG_IO_STRICT_DEVMEM``), and in a
+kdump kernel old RAM can sit under one, such as the "RAM buffer" e820 inserts above the last
+RAM page below 4 GiB. ``/proc/iomem`` does not show which resources are busy, so it probes:
+the daemon drops what cannot be mapped from the plan before anything is placed there.
+
 :meth:`DevMem.stable_view` pins whole extents for the store's C fast path, up to
 ``pin_bytes`` in all (default 4 GiB: 8 MiB of page tables at 8 bytes per 4 KiB page); extents
 past the budget stay on the windowed path.
@@ -196,6 +202,36 @@ class DevMem:
             start = paddr + pos - lo
             mv[start : start + take] = src[pos : pos + take]
             pos += take
+
+    def mappable(self, chunk_bytes: int = 64 << 20) -> list[tuple[int, int]]:
+        """The parts of this backend's ranges that ``mmap`` of /dev/mem accepts, as half-open
+        physical ranges. Probed in chunks (a mapping fills all its page tables at once) and
+        bisected to the page where the kernel refuses (EPERM); other errors raise."""
+        out: list[tuple[int, int]] = []
+
+        def probe(lo: int, hi: int) -> None:
+            try:
+                mm = mmap.mmap(self._fd, hi - lo, mmap.MAP_SHARED, mmap.PROT_READ, offset=lo)
+            except PermissionError:
+                if hi - lo <= PAGE_SIZE:
+                    return
+                mid = lo + (((hi - lo) >> 1) & ~(PAGE_SIZE - 1))
+                probe(lo, mid)
+                probe(mid, hi)
+                return
+            except OSError as exc:
+                raise BackendError(exc.errno, f"devmem: cannot map [{lo:#x}, {hi:#x}): "
+                                              f"{exc.strerror}") from exc
+            mm.close()
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+
+        for r in self._map.ranges:
+            for lo in range(r.start_paddr, r.end_paddr, chunk_bytes):
+                probe(lo, min(lo + chunk_bytes, r.end_paddr))
+        return out
 
     def stable_view(self, paddr: int, nbytes: int) -> memoryview | None:
         """A mapping of ``[paddr, paddr + nbytes)`` kept until :meth:`close`, or None past the
