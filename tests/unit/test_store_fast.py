@@ -141,8 +141,14 @@ def test_views_are_guarded_and_outlive_nothing(tmp_path, sums) -> None:
         image.close()
     with pytest.raises(BackendError, match="fast=False"):
         image.lose_writes(extent.start_paddr, extent.start_paddr + BS)
+    fast = store.fast_path
+    assert fast is not None
     store.close()
     store.close()  # idempotent
+    # A late call (the plugin keeps the bound methods) serves nothing and touches nothing.
+    assert not fast.read_request(0, memoryview(bytearray(BS)))
+    assert not fast.write_request(0, memoryview(block_data(1)))
+    assert fast.verify(0) == -1 and fast.counters() == (0, 0, 0, 0)
     image.close()
 
 

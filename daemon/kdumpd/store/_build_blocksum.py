@@ -78,7 +78,9 @@ static void kdumpd_checksums(const unsigned char *buf, size_t nblocks, uint64_t 
  * extents in pool order, each with the host address of its first slot (NULL: not mapped,
  * such slots go to the Python path). Slot index = copy * ngroups + group, as in placement.py.
  * Every function that touches the tables holds `lock`: shared for reads, exclusive for
- * writes and for the Python paths (kdumpd_fast_lock). Nothing here takes the GIL.
+ * writes and for the Python paths (kdumpd_fast_lock). Nothing here takes the GIL. The data
+ * paths accept NULL (a closed store) and serve nothing, so a late call cannot touch freed
+ * memory.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -184,7 +186,7 @@ static unsigned char *kdumpd_slot(const kdumpd_fast *f, uint64_t idx)
 static size_t kdumpd_fast_read(kdumpd_fast *f, uint64_t b0, size_t n, unsigned char *out)
 {
     size_t k;
-    if (b0 > f->nblocks || n > f->nblocks - b0)
+    if (!f || b0 > f->nblocks || n > f->nblocks - b0)
         return 0;  /* out of range: the Python path raises */
     pthread_rwlock_rdlock(&f->lock);
     for (k = 0; k < n; k++) {
@@ -226,7 +228,7 @@ static int kdumpd_fast_write(kdumpd_fast *f, uint64_t b0, size_t n, const unsign
     int done = 0;
     size_t k;
     uint32_t c;
-    if (b0 > f->nblocks || n > f->nblocks - b0)
+    if (!f || b0 > f->nblocks || n > f->nblocks - b0)
         return 0;  /* out of range: the Python path raises */
     s = n <= KDUMPD_STACK_SUMS ? stack_sums : malloc(n * sizeof(*s));
     if (!s)
@@ -275,7 +277,7 @@ static int kdumpd_fast_verify(kdumpd_fast *f, uint64_t block)
 {
     int r = 1;
     uint32_t c, g;
-    if (block >= f->nblocks)
+    if (!f || block >= f->nblocks)
         return -1;
     pthread_rwlock_rdlock(&f->lock);
     g = f->groups[block];
@@ -296,6 +298,8 @@ static int kdumpd_fast_verify(kdumpd_fast *f, uint64_t block)
 static uint64_t kdumpd_fast_next_written(kdumpd_fast *f, uint64_t block)
 {
     uint64_t b;
+    if (!f)
+        return 0;
     pthread_rwlock_rdlock(&f->lock);
     for (b = block; b < f->nblocks && f->groups[b] == KDUMPD_UNWRITTEN; b++)
         ;
@@ -307,6 +311,10 @@ static uint64_t kdumpd_fast_next_written(kdumpd_fast *f, uint64_t block)
  * so it may be called with the exclusive lock held. */
 static void kdumpd_fast_counters(kdumpd_fast *f, uint64_t *out)
 {
+    if (!f) {
+        out[0] = out[1] = out[2] = out[3] = 0;
+        return;
+    }
     out[0] = __atomic_load_n(&f->reads, __ATOMIC_RELAXED);
     out[1] = __atomic_load_n(&f->writes, __ATOMIC_RELAXED);
     out[2] = __atomic_load_n(&f->blocks_read, __ATOMIC_RELAXED);
