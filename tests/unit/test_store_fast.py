@@ -165,7 +165,7 @@ def test_no_fast_path_without_views_or_c_kernels(tmp_path, sums) -> None:
     ro.close()
 
 
-def test_devmem_pins_extents_within_its_budget(tmp_path) -> None:
+def test_devmem_pins_extents_within_its_budget(tmp_path, monkeypatch) -> None:
     from tests.unit.test_oldmem_devmem import fake_devmem, fake_proc
 
     ranges = [PhysRange(0x1000000, 0x1400000, 0x1000000),
@@ -178,6 +178,15 @@ def test_devmem_pins_extents_within_its_budget(tmp_path) -> None:
     assert mem.stable_view(0x13FF000, 0x2000) is None  # across a range end
     first[:4] = b"kdmp"  # the view and the windowed path see the same memory
     assert mem.pread(0x1000000, 4) == b"kdmp"
+    import kdumpd.oldmem.devmem as devmem_mod
+
+    def refuse(*args: object, **kw: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as m:  # the kernel refusing a busy resource: said at once
+        m.setattr(devmem_mod.mmap, "mmap", refuse)
+        with pytest.raises(BackendError, match=r"cannot map \[0x2000000.*not permitted"):
+            mem.stable_view(0x2000000, 0x1000)
     held = np.frombuffer(first, dtype=np.uint8)  # an export, as the fast path's cffi buffer
     with pytest.raises(BackendError, match="close the store first"):
         mem.close()

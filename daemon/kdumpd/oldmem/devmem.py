@@ -239,8 +239,15 @@ class DevMem:
         if nbytes <= 0 or nbytes > self._pin_left or paddr & (PAGE_SIZE - 1) or \
                 self._map.translate(paddr, nbytes) < 0:
             return None
-        mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=paddr)
+        try:
+            mm = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE, offset=paddr)
+        except OSError as exc:
+            # Refuse at start, not at the first write there: the plan should have left out
+            # what the kernel will not map (see mappable).
+            raise BackendError(exc.errno, f"devmem: cannot map [{paddr:#x}, "
+                                          f"{paddr + nbytes:#x}): {exc.strerror} (not probed "
+                                          "with mappable()?)") from exc
         view = memoryview(mm)
         self._pinned.append((mm, view))
         self._pin_left -= nbytes
