@@ -474,14 +474,6 @@ def _finish(s: _Serving) -> None:
         os.unlink(os.path.abspath(s.cfg.socket))
 
 
-def _plugin_status(run_dir: str) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = read_json(os.path.join(run_dir, "status.json"))
-        return doc
-    except KdumpdError:
-        return {}
-
-
 def _status_line(s: _Serving) -> str:
     return supervise.status_line(s.cfg.run_dir, {
         "device": s.device, "socket": os.path.abspath(s.cfg.socket), "as": s.cfg.use_as,
@@ -501,21 +493,14 @@ def _report_refusal(cfg: Config, exc: KdumpdError) -> None:
         "reason": str(exc),
         "config": cfg.to_json(),
     }
-    targets = [os.path.join(cfg.run_dir, "report.json")]
-    if cfg["report"]:
-        targets.append(str(cfg["report"]))
-    for path in targets:
-        try:
-            atomic_write_json(path, doc, mode=0o644)
-        except OSError as e:
-            log.warning("cannot write report %s: %s", path, e.strerror)
+    supervise.write_report_files(cfg.run_dir, cfg["report"], doc)
 
 
 def write_report(s: _Serving, state: str) -> list[str]:
     """Write the JSON report to the run directory and to the configured ``report`` path;
     return the paths written."""
     assert s.prepared is not None
-    st = _plugin_status(s.cfg.run_dir)
+    st = supervise.plugin_status(s.cfg.run_dir)
     doc = {
         "kdumpd": __version__,
         "state": state,
@@ -538,17 +523,7 @@ def write_report(s: _Serving, state: str) -> list[str]:
         "config": s.cfg.to_json(),
         "teardown_errors": s.errors,
     }
-    written = []
-    targets = [os.path.join(s.cfg.run_dir, "report.json")]
-    if s.cfg["report"]:
-        targets.append(str(s.cfg["report"]))
-    for path in targets:
-        try:
-            atomic_write_json(path, doc, mode=0o644)
-            written.append(path)
-        except OSError as exc:
-            log.warning("cannot write report %s: %s", path, exc.strerror)
-    return written
+    return supervise.write_report_files(s.cfg.run_dir, s.cfg["report"], doc)
 
 
 # -- status and stop --------------------------------------------------------------------------
@@ -590,7 +565,7 @@ def _read_state(run_dir: str) -> dict[str, Any]:
 def read_status(run_dir: str) -> dict[str, Any]:
     """The running daemon's status: capacity, used, copies, integrity counters, processes."""
     state = _read_state(run_dir)
-    st = _plugin_status(run_dir)
+    st = supervise.plugin_status(run_dir)
     daemon_up = _alive(state.get("daemon_pid"))
     nbdkit_up = _alive(state.get("nbdkit_pid"))
     if not daemon_up and not nbdkit_up:

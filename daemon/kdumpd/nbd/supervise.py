@@ -29,7 +29,8 @@ from kdumpd.journal import notify, setup_logging
 from kdumpd.nbd import server
 from kdumpd.nbd.runconf import atomic_write_json, read_json
 
-__all__ = ["SIGNALS", "exec_argv", "finish_report", "main", "status_line", "teardown"]
+__all__ = ["SIGNALS", "exec_argv", "finish_report", "main", "plugin_status", "status_line",
+           "teardown", "write_report_files"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -60,7 +61,8 @@ def _human(nbytes: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _status(run_dir: str) -> dict[str, Any]:
+def plugin_status(run_dir: str) -> dict[str, Any]:
+    """The plugin's ``status.json``, or {} if it has not written one (or it is unreadable)."""
     try:
         doc: dict[str, Any] = read_json(os.path.join(run_dir, "status.json"))
         return doc
@@ -69,7 +71,7 @@ def _status(run_dir: str) -> dict[str, Any]:
 
 
 def status_line(run_dir: str, state: dict[str, Any]) -> str:
-    st = _status(run_dir)
+    st = plugin_status(run_dir)
     where = state.get("device") or state.get("socket")
     use = {"swap": " as swap", "scratch": f" on {state.get('mounted')}"}.get(
         str(state.get("as")), "")
@@ -139,7 +141,7 @@ def finish_report(run_dir: str, state: dict[str, Any], errors: list[str]) -> Non
     except KdumpdError as exc:
         log.error("no report to complete: %s", exc)
         return
-    st = _status(run_dir)
+    st = plugin_status(run_dir)
     doc.update(
         state="stopped",
         time=round(time.time(), 3),
@@ -152,14 +154,24 @@ def finish_report(run_dir: str, state: dict[str, Any], errors: list[str]) -> Non
         protections=st.get("protections", doc.get("protections", {})),
         teardown_errors=errors,
     )
+    write_report_files(run_dir, state.get("report"), doc)
+
+
+def write_report_files(run_dir: str, report: object, doc: dict[str, Any]) -> list[str]:
+    """Write ``doc`` as ``RUN_DIR/report.json`` and, if ``report`` (the configured path) is
+    set, there too, where the dump is saved; return the paths written. A path that cannot be
+    written is logged, not raised: the report must never stop a teardown."""
+    written = []
     targets = [os.path.join(run_dir, "report.json")]
-    if state.get("report"):
-        targets.append(str(state["report"]))
+    if report:
+        targets.append(str(report))
     for path in targets:
         try:
             atomic_write_json(path, doc, mode=0o644)
+            written.append(path)
         except OSError as exc:
             log.warning("cannot write report %s: %s", path, exc.strerror)
+    return written
 
 
 def _cleanup_files(run_dir: str, state: dict[str, Any]) -> None:
