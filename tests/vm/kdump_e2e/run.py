@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import select
 import shutil
 import subprocess
 import sys
@@ -161,47 +159,19 @@ def qemu_command(cfg: E2EConfig, initrd: Path, disks: dict[str, Path]) -> list[s
 
 
 def run_guest(cmd: list[str], console: Path, timeout: float, tag: str) -> GuestRun:
-    """QEMU with the serial console teed to ``console``; "@@KDUMPD NAME ARG" lines are marks
-    (echoed to stderr as progress). Killed after ``timeout`` seconds."""
-    started = time.monotonic()
-    marks: dict[str, tuple[float, str]] = {}
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    pending = b""
-    timed_out = False
+    """mkvmcore's QEMU runner (serial console teed to ``console``, killed after ``timeout``
+    seconds), with each mark's first occurrence echoed to stderr as progress and its time made
+    relative to the start."""
+    seen: set[str] = set()
 
-    def scan(lines: list[bytes]) -> None:
-        for raw in lines:
-            m = re.search(mk.MARK + r" (\w+) ?(.*)", raw.decode(errors="replace"))
-            if m and m.group(1) not in marks:
-                at = time.monotonic() - started
-                marks[m.group(1)] = (at, m.group(2).strip())
-                print(f"e2e[{tag}]: {at:6.1f} s {m.group(1)} {m.group(2).strip()}",
-                      file=sys.stderr, flush=True)
+    def progress(name: str, arg: str, at: float) -> None:
+        if name not in seen:
+            seen.add(name)
+            print(f"e2e[{tag}]: {at:6.1f} s {name} {arg}", file=sys.stderr, flush=True)
 
-    with open(console, "wb") as log:
-        while True:
-            remaining = started + timeout - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                proc.kill()
-                break
-            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            log.write(chunk)
-            log.flush()
-            *lines, pending = (pending + chunk).split(b"\n")
-            scan(lines)
-        scan([pending])
-    proc.stdout.close()
-    rc = proc.wait()
-    return GuestRun(marks, None if timed_out else rc, timed_out)
+    run = mk.run_guest(cmd, console, timeout, progress)
+    marks = {name: (t - run.started, arg) for name, (t, arg) in run.marks.items()}
+    return GuestRun(marks, run.returncode, run.timed_out)
 
 
 def first_kernel_initrd(cfg: E2EConfig, workload: Path, capture_image: Path) -> bytes:
