@@ -1,7 +1,8 @@
-"""Logging setup (journald when present, stderr otherwise) and sd_notify: the only systemd import.
+"""Logging setup (journald when present, stderr otherwise) and sd_notify.
 
-systemd-python (Debian's python3-systemd) is optional. Without it, or without a journal
-socket, logs go to stderr; without it, or without ``$NOTIFY_SOCKET``, :func:`notify` does
+Both speak systemd's datagram protocols directly (a few lines each), so kdumpd needs no
+systemd-python: in the capture kernel every library is memory taken from the reservation.
+Without a journal socket logs go to stderr; without ``$NOTIFY_SOCKET``, :func:`notify` does
 nothing. Library modules never configure logging: the daemon calls :func:`setup_logging` once,
 and the nbdkit plugin logs to stderr (nbdkit passes its stderr on).
 """
@@ -10,31 +11,62 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 import sys
-from typing import Any
 
-__all__ = ["JOURNAL_SOCKET", "journal_present", "notify", "setup_logging"]
+__all__ = ["JOURNAL_SOCKET", "JournalHandler", "journal_present", "notify", "setup_logging"]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _FORMAT = "kdumpd: %(levelname)s: %(message)s"
-
-
-def _systemd_module(name: str) -> Any:
-    try:
-        if name == "journal":
-            from systemd import journal
-
-            return journal
-        from systemd import daemon
-
-        return daemon
-    except ImportError:
-        return None
+# logging level -> syslog priority (journald's PRIORITY=).
+_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+             (logging.INFO, 6), (logging.NOTSET, 7))
 
 
 def journal_present(socket_path: str = JOURNAL_SOCKET) -> bool:
-    """True if journald listens here and systemd-python can talk to it."""
-    return os.path.exists(socket_path) and _systemd_module("journal") is not None
+    """True if journald listens here."""
+    return os.path.exists(socket_path)
+
+
+def journal_fields(fields: dict[str, str]) -> bytes:
+    """journald's native datagram: ``KEY=value`` lines, or ``KEY\\n<le64 size>value\\n`` for
+    a value holding a newline."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalHandler(logging.Handler):
+    """Sends each record to journald with its priority and SYSLOG_IDENTIFIER; a record that
+    cannot be sent (journald gone, message too large) goes to stderr instead."""
+
+    def __init__(self, identifier: str, socket_path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
+        self.identifier = identifier
+        self.socket_path = socket_path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            priority = next(p for level, p in _PRIORITY if record.levelno >= level)
+            data = journal_fields({"MESSAGE": message, "PRIORITY": str(priority),
+                                   "SYSLOG_IDENTIFIER": self.identifier})
+            self._sock.sendto(data, self.socket_path)
+        except OSError:
+            sys.stderr.write(f"{self.identifier}: {record.getMessage()}\n")
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+    def close(self) -> None:
+        self._sock.close()
+        super().close()
 
 
 def setup_logging(
@@ -50,16 +82,14 @@ def setup_logging(
     if use_journal is None:
         use_journal = journal_present()
     handler: logging.Handler
-    where = "stderr"
     if use_journal:
-        journal = _systemd_module("journal")
-        if journal is not None:
-            handler = journal.JournalHandler(SYSLOG_IDENTIFIER=identifier)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            where = "journal"
-    if where == "stderr":
+        handler = JournalHandler(identifier)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        where = "journal"
+    else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT))
+        where = "stderr"
     logging.basicConfig(level=level, handlers=[handler], force=True)
     return where
 
@@ -68,12 +98,10 @@ def notify(*, ready: bool = False, stopping: bool = False, status: str | None = 
            mainpid: int | None = None) -> bool:
     """Send READY=1 / STOPPING=1 / STATUS= / MAINPID= to systemd; True if sent.
 
-    Does nothing (False) without ``$NOTIFY_SOCKET`` or without systemd-python.
+    Does nothing (False) without ``$NOTIFY_SOCKET``; an abstract socket is written ``@name``.
     """
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return False
-    daemon = _systemd_module("daemon")
-    if daemon is None:
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
         return False
     lines = []
     if ready:
@@ -86,4 +114,11 @@ def notify(*, ready: bool = False, stopping: bool = False, status: str | None = 
         lines.append("STATUS=" + status.replace("\n", " "))
     if not lines:
         return False
-    return bool(daemon.notify("\n".join(lines)))
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), address)
+    except OSError:
+        return False
+    return True

@@ -304,7 +304,6 @@ def test_stop_cleans_up_after_a_killed_daemon(serve) -> None:
 
 
 def test_sd_notify_ready_and_status(vmcore, image, tmp_path: Path) -> None:
-    pytest.importorskip("systemd.daemon")
     import socket as socketmod
 
     from tests.integration.conftest import _env, start_serve

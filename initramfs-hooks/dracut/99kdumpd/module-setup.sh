@@ -103,8 +103,10 @@ installkernel() {
     return 0
 }
 
-install() {
-    local _py _pyreal _launcher _pkgdir _plugin _plugindir _fs _src _dst _args
+# Everything kdumpd runs: the interpreter, the Python modules kdumpd imports, nbdkit with its
+# python plugin, nbd-client, and the shared libraries they load.
+_kdumpd_install_payload() {
+    local _py _pyreal _launcher _pkgdir _plugin _src _dst _args _plugindir
 
     _py=$(_kdumpd_py)
     _pyreal=$(readlink -f "$dracutsysrootdir$_py")
@@ -117,15 +119,10 @@ install() {
     fi
     [[ $_pyreal == "$_py" ]] || ln_r "$_pyreal" "$_py"
 
-    inst_multiple nbdkit nbd-client mkswap swapon swapoff modprobe mount umount || return 1
+    inst_multiple nbdkit nbd-client || return 1
     _plugindir=$(nbdkit --dump-config 2> /dev/null | sed -n 's/^plugindir=//p')
     _kdumpd_inst_so "${_plugindir:-/usr/lib/x86_64-linux-gnu/nbdkit/plugins}/nbdkit-python-plugin.so" \
         || return 1
-
-    _fs=$(_kdumpd_scratch_fstype)
-    if [[ -n $_fs ]]; then
-        inst_multiple "mkfs.$_fs" || return 1
-    fi
 
     # The package, the plugin and exactly the Python modules they import.
     _pkgdir=${kdumpd_package_dir:-}
@@ -163,6 +160,111 @@ install() {
     printf '%s\n' "#!$_py -I" "import sys" "from kdumpd.cli import main" "sys.exit(main())" \
         > "$initdir/usr/bin/kdumpd"
     chmod 0755 "$initdir/usr/bin/kdumpd"
+    return 0
+}
+
+# kdumpd_squash=auto|yes|no: pack the payload into a compressed read-only image (auto: when
+# mksquashfs is there). The kernel unpacks the initramfs into a tmpfs capped at half of the
+# capture kernel's memory before anything runs, and every unpacked byte stays pinned there: the
+# payload is ~21 MB of files but ~7 MB as squashfs. Mounted (loop, read-only) by
+# kdumpd-image.service before kdumpd starts, its pages are page cache the kernel can drop.
+_kdumpd_squash_wanted() {
+    case "${kdumpd_squash:-auto}" in
+        no) return 1 ;;
+        yes) return 0 ;;
+        *) command -v mksquashfs > /dev/null 2>&1 ;;
+    esac
+}
+
+# Standard shared library directories (the dynamic linker's default path on Debian and Fedora).
+_kdumpd_is_libdir() {
+    case "$1" in
+        /lib | /lib64 | /usr/lib | /usr/lib64 | /lib/*-linux-gnu | /usr/lib/*-linux-gnu) return 0 ;;
+    esac
+    return 1
+}
+
+# Move what the payload added to the image (every path not in the list BEFORE) into a
+# squashfs image at /usr/lib/kdumpd/payload.squashfs, mounted at /usr/lib/kdumpd/payload.
+# Programs and Python's tree keep their usual paths (/usr/bin/python3, /usr/bin/nbdkit,
+# nbdkit's plugin directory, Python's prefix) as links to their place under the mount point.
+# Shared libraries go to the image's own lib/ (LD_LIBRARY_PATH, set for kdumpd.service and by
+# /usr/bin/kdumpd), never as links in the system's library directories: dracut resolves the
+# libraries of later modules after this runs, and must find real files or nothing there.
+_kdumpd_pack_payload() {
+    local _before=$1 _mnt=/usr/lib/kdumpd/payload _stage _rel _comp _py
+    _stage=$(mktemp -d "${DRACUT_TMPDIR:-/tmp}/kdumpd-payload.XXXXXX") || return 1
+    mkdir -p "$_stage/lib" || return 1
+    while IFS= read -r _rel; do
+        _rel=${_rel#.}
+        [[ $_rel == /etc || $_rel == /etc/* ]] && continue
+        # Gone: below a directory moved already.
+        [[ -L $initdir$_rel ]] || [[ -e $initdir$_rel ]] || continue
+        if [[ ${_rel##*/} == *.so* ]] && _kdumpd_is_libdir "${_rel%/*}" \
+            && { [[ -L $initdir$_rel ]] || [[ -f $initdir$_rel ]]; }; then
+            mv "$initdir$_rel" "$_stage/lib/${_rel##*/}" || return 1
+            continue
+        fi
+        [[ -L $initdir$_rel ]] && continue # python3 -> python3.11 stays, beside its target
+        mkdir -p "$_stage${_rel%/*}" || return 1
+        mv "$initdir$_rel" "$_stage$_rel" || return 1
+        ln -s "$_mnt$_rel" "$initdir$_rel" || return 1
+    done < <(cd "$initdir" && find . -mindepth 1 | LC_ALL=C sort | LC_ALL=C comm -13 "$_before" -)
+
+    # /usr/bin/kdumpd: the library path, then the interpreter (Python's prefix comes from
+    # its own path, /usr/bin, so the standard library is found at /usr/lib/python3.X).
+    _py=$(_kdumpd_py)
+    rm -f "$initdir/usr/bin/kdumpd"
+    printf '%s\n' '#!/bin/sh' "# kdumpd (dracut module 99kdumpd): its payload is mounted at $_mnt" \
+        "export LD_LIBRARY_PATH=$_mnt/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" \
+        "exec $_py -I -c 'import sys; from kdumpd.cli import main; sys.argv[0] = \"kdumpd\"; sys.exit(main())' \"\$@\"" \
+        > "$initdir/usr/bin/kdumpd"
+    chmod 0755 "$initdir/usr/bin/kdumpd"
+
+    _comp=${kdumpd_squash_comp:-zstd}
+    mksquashfs "$_stage" "$initdir/usr/lib/kdumpd/payload.squashfs" -noappend -all-root \
+        -no-xattrs -quiet -no-progress -comp "$_comp" > /dev/null || return 1
+    rm -rf "$_stage"
+    hostonly='' instmods loop squashfs
+    inst_multiple mount umount losetup || return 1
+    inst_simple "$moddir/kdumpd-image.service" "$systemdsystemunitdir/kdumpd-image.service" \
+        || return 1
+    mkdir -p "$initdir$systemdsystemunitdir/kdumpd.service.d"
+    printf '%s\n' "# added by dracut module kdumpd: the payload is a squashfs image" "[Unit]" \
+        "Requires=kdumpd-image.service" "After=kdumpd-image.service" "[Service]" \
+        "Environment=LD_LIBRARY_PATH=$_mnt/lib" \
+        > "$initdir$systemdsystemunitdir/kdumpd.service.d/payload.conf"
+    return 0
+}
+
+install() {
+    local _fs _before
+
+    # The tools the base image may have already, then the payload on top of them.
+    inst_multiple mkswap swapon swapoff modprobe mount umount || return 1
+    if _kdumpd_squash_wanted; then
+        # dracut resolves shared libraries at the end; resolve what the image holds so far
+        # now, so that what the base already needs is not taken into the payload.
+        if [[ -n ${DRACUT_RESOLVE_LAZY:-} ]]; then
+            # shellcheck disable=SC2086
+            find "$initdir" -type f -perm /0111 -not -path '*.ko' -print0 \
+                | xargs -r -0 $DRACUT_INSTALL ${initdir:+-D "$initdir"} \
+                    ${dracutsysrootdir:+-r "$dracutsysrootdir"} -R --
+        fi
+        _before=$(mktemp "${DRACUT_TMPDIR:-/tmp}/kdumpd-before.XXXXXX") || return 1
+        mkdir -p "$initdir/usr/lib/kdumpd/payload" || return 1 # the mount point stays
+        (cd "$initdir" && find . -mindepth 1 | LC_ALL=C sort) > "$_before"
+        DRACUT_RESOLVE_DEPS=1 _kdumpd_install_payload || return 1
+        _kdumpd_pack_payload "$_before" || return 1
+        rm -f "$_before"
+    else
+        _kdumpd_install_payload || return 1
+    fi
+
+    _fs=$(_kdumpd_scratch_fstype)
+    if [[ -n $_fs ]]; then
+        inst_multiple "mkfs.$_fs" || return 1
+    fi
 
     # Configuration: the host's, made to attach swap unless it says otherwise (the daemon's
     # own default is to serve without attaching).

@@ -23,6 +23,9 @@ E2E_MODULE = HERE / "dracut" / "98kdumpd-e2e"
 STOCK = Path("/usr/lib/dracut")
 CORE_MODULES = ("base", "shutdown", "systemd", "systemd-initrd", "dracut-systemd")
 COMPRESS = "zstd"
+# dracut module 99kdumpd packs its payload into this squashfs, mounted at PAYLOAD_MOUNT.
+PAYLOAD = "/usr/lib/kdumpd/payload.squashfs"
+PAYLOAD_MOUNT = "/usr/lib/kdumpd/payload"
 
 
 class BuildError(Exception):
@@ -109,4 +112,16 @@ def unpack(image: Path, dest: Path) -> Path:
                           capture_output=True, check=True).stdout
     subprocess.run(["cpio", "-idm", "--quiet"], input=data, cwd=dest, check=True,
                    capture_output=True)
+    # kdumpd's payload image, extracted where kdumpd-image.service mounts it in the guest.
+    payload = dest / PAYLOAD.lstrip("/")
+    if payload.exists():
+        subprocess.run(["unsquashfs", "-f", "-q", "-no-xattrs", "-d",
+                        str(dest / PAYLOAD_MOUNT.lstrip("/")), str(payload)],
+                       check=True, capture_output=True)
     return dest
+
+
+def payload_size(root: Path) -> int:
+    """Bytes of kdumpd's squashfs payload in an unpacked image (0 if it has none)."""
+    payload = root / PAYLOAD.lstrip("/")
+    return payload.stat().st_size if payload.exists() else 0
