@@ -32,9 +32,9 @@ def class_map(vmcore: Path) -> tuple[Plan, npt.NDArray[np.uint8]]:
     captured: dict[int, npt.NDArray[np.uint8]] = {}
     original = planmod.Classifier.classify
 
-    def spy(self, start_pfn, pages, examined):  # type: ignore[no-untyped-def]
+    def spy(self, start_pfn, pages, examined=None):  # type: ignore[no-untyped-def]
         res = original(self, start_pfn, pages, examined)
-        captured[start_pfn] = res.classes.copy()
+        captured[start_pfn] = np.frombuffer(bytes(res.classes), dtype=np.uint8)
         return res
 
     planmod.Classifier.classify = spy  # type: ignore[method-assign]

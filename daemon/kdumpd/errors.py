@@ -13,6 +13,7 @@ __all__ = [
     "IntegrityError",
     "KdumpdError",
     "LayoutError",
+    "MissingExtensionError",
     "NotRunningError",
     "RefusedError",
     "SelfTestError",
@@ -86,3 +87,9 @@ class SelfTestError(KdumpdError):
     """The store's self-test failed: nothing was written to old memory."""
 
     exit_code = 11
+
+
+class MissingExtensionError(KdumpdError, ImportError):
+    """A C extension module of kdumpd is not built (the image or the tree lacks its .so)."""
+
+    exit_code = 12

@@ -13,11 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from kdumpd.crash.dmesg import LogRecord, read_log
 from kdumpd.errors import LayoutError, TranslationError
+from kdumpd.mm import native
 from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
 from kdumpd.mm.extents import ExtentBuilder
 from kdumpd.mm.memmap import MemSections, Section
@@ -84,7 +82,7 @@ class _StructPageReader:
         self.layout = layout
         self._buf = bytearray()
 
-    def read(self, section: Section, start_pfn: int, end_pfn: int) -> npt.NDArray[np.void]:
+    def read(self, section: Section, start_pfn: int, end_pfn: int) -> memoryview:
         size = self.layout.size_page
         vaddr = section.page_vaddr(start_pfn, size)
         nbytes = (end_pfn - start_pfn) * size
@@ -114,10 +112,8 @@ class _StructPageReader:
             else:
                 view[filled : filled + n] = self.vm.phys.read(p, n)
             filled += n
-        # A view of the reused buffer, valid until the next read: the classifier derives new
-        # arrays from it and keeps nothing (copying a structured dtype is slow in numpy).
-        pages = np.frombuffer(view, dtype=self.layout.dtype)
-        return pages
+        # A view of the reused buffer, valid until the next read: the classifier keeps nothing.
+        return view
 
 
 def _examined_spans(vm: Vmcore) -> list[tuple[int, int, int, int]]:
@@ -163,6 +159,7 @@ def make_plan(
     reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
     counts: Counter[int] = Counter()
+    chunk_counts = native.new_counts()  # per-class pages of every classified chunk, in C
     zero_pages = 0
     spans = _examined_spans(vm)
     total = sum(end - start for start, end, _, _ in spans)
@@ -184,24 +181,21 @@ def make_plan(
                     f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
                     f"SYMBOL(vmemmap)={vmemmap:#x}"
                 )
-            pages = reader.read(section, a, b)
-            examined = np.ones(npages, dtype=bool)
-            result = classifier.classify(a, pages, examined)
+            result = classifier.classify(a, reader.read(section, a, b))
             for lo, hi in result.retract:
                 builder.withdraw(lo, hi)
-            pfns = np.arange(a, b, dtype=np.int64)
-            usable = (pfns >= usable_start) & (pfns < usable_end) & section.usable
-            mask = policy.reusable_mask(result.classes, result.poisoned, usable)
-            builder.add_mask(a, mask)
-            binc = np.bincount(result.classes, minlength=len(PageClass))
-            for c, n in enumerate(binc.tolist()):
-                if n:
-                    counts[c] += n
+            usable = (usable_start - a, usable_end - a) if section.usable else (0, 0)
+            runs = policy.reusable_runs(result.classes, result.poisoned, usable)
+            builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
+            native.count(result.classes, chunk_counts)
             if count_zero:
                 zero_pages += _count_zero(vm, a, b, result.classes)
             done += npages
             if progress is not None:
                 progress(done, total)
+    for c in PageClass:
+        if chunk_counts[c]:
+            counts[c] += int(chunk_counts[c])
     for start_paddr, end_paddr, _why in forbidden:
         builder.withdraw(start_paddr >> PAGE_SHIFT, -(-end_paddr // PAGE_SIZE))
     extents = _split_and_filter(builder.extents(), spans, min_run_pages)
@@ -273,17 +267,19 @@ def xlat_read_u64(xlat: Translator, vm: Vmcore) -> Callable[[int], int]:
     return read
 
 
-def _count_zero(vm: Vmcore, start_pfn: int, end_pfn: int, classes: npt.NDArray[np.uint8]) -> int:
+_KEPT = native.lut((PageClass.KERNEL, PageClass.SLAB, PageClass.TAIL))
+
+
+def _count_zero(vm: Vmcore, start_pfn: int, end_pfn: int, classes: bytearray) -> int:
     """Zero-filled pages among those the struct page rules keep (makedumpfile's bit 1)."""
-    keep = np.isin(classes, [PageClass.KERNEL, PageClass.SLAB, PageClass.TAIL])
     zeros = 0
-    for i in np.nonzero(keep)[0].tolist():
-        paddr = (start_pfn + i) << PAGE_SHIFT
-        if not vm.phys.contains(paddr, PAGE_SIZE):
-            continue
-        page = np.frombuffer(vm.phys.view(paddr, PAGE_SIZE), dtype=np.uint64)
-        if not page.any():
-            zeros += 1
+    for lo, hi in native.runs(classes, _KEPT):
+        for pfn in range(start_pfn + lo, start_pfn + hi):
+            paddr = pfn << PAGE_SHIFT
+            if not vm.phys.contains(paddr, PAGE_SIZE):
+                continue
+            if native.is_zero(vm.phys.view(paddr, PAGE_SIZE)):
+                zeros += 1
     return zeros
 
 

@@ -32,6 +32,22 @@ def template(name: str) -> dict[str, str]:
     return out
 
 
+def layout_variant(base: str, name: str) -> dict[str, str]:
+    """Layouts between the two real templates, made by editing keys as those kernels did."""
+    info = template(base)
+    if name == "folio-6.3":  # 6.3..6.5: order/dtor are folio fields in page[1]
+        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
+        info["OFFSET(folio._folio_dtor)"] = "80"
+        info["OFFSET(folio._folio_order)"] = "81"
+    elif name == "pg_hugetlb-6.6":  # 6.6..6.8: order in _flags_1, hugetlb is a _flags_1 bit
+        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
+        del info["NUMBER(HUGETLB_PAGE_DTOR)"]
+        info["NUMBER(PG_hugetlb)"] = "8"
+    elif name == "unaccepted-6.16":
+        info["NUMBER(PAGE_UNACCEPTED_MAPCOUNT_VALUE)"] = str(0xF7000000 - (1 << 32))
+    return info
+
+
 @dataclass
 class PhysImage:
     """Sparse physical memory: page number -> 4 KiB bytearray."""

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from kdumpd.mm.extents import ExtentBuilder, mask_runs
@@ -6,14 +5,16 @@ from kdumpd.units import Extent, coalesce
 
 
 def test_mask_runs_half_open() -> None:
-    mask = np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=bool)
+    mask = bytes([0, 1, 1, 0, 1, 0, 0, 1])
     assert mask_runs(100, mask) == [(101, 103), (104, 105), (107, 108)]
+    assert mask_runs(0, bytes([1, 1])) == [(0, 2)]
+    assert mask_runs(0, b"") == []
 
 
 def test_builder_merges_across_chunks_and_withdraws() -> None:
     b = ExtentBuilder()
-    b.add_mask(0, np.array([0, 1, 1, 1], dtype=bool))
-    b.add_mask(4, np.array([1, 1, 0, 1], dtype=bool))
+    b.add_mask(0, bytes([0, 1, 1, 1]))
+    b.add_mask(4, bytearray([1, 1, 0, 1]))
     assert b.extents() == [Extent(1, 6), Extent(7, 8)]
     b.withdraw(2, 4)
     assert b.extents() == [Extent(1, 2), Extent(4, 6), Extent(7, 8)]

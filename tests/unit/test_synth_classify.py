@@ -11,29 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.synth.builder import Machine, template
+from tests.synth.builder import Machine, layout_variant, template
 
 from kdumpd.mm.classify import PageClass
 from kdumpd.plan import Plan, make_plan
 from kdumpd.vmcore.core import open_vmcore
 
 KERNELS = ["6.1", "6.12"]
-
-
-def _variant(base: str, name: str) -> dict[str, str]:
-    """Layouts between the two real templates, made by editing keys as those kernels did."""
-    info = template(base)
-    if name == "folio-6.3":  # 6.3..6.5: order/dtor are folio fields in page[1]
-        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
-        info["OFFSET(folio._folio_dtor)"] = "80"
-        info["OFFSET(folio._folio_order)"] = "81"
-    elif name == "pg_hugetlb-6.6":  # 6.6..6.8: order in _flags_1, hugetlb is a _flags_1 bit
-        del info["OFFSET(page.compound_order)"], info["OFFSET(page.compound_dtor)"]
-        del info["NUMBER(HUGETLB_PAGE_DTOR)"]
-        info["NUMBER(PG_hugetlb)"] = "8"
-    elif name == "unaccepted-6.16":
-        info["NUMBER(PAGE_UNACCEPTED_MAPCOUNT_VALUE)"] = str(0xF7000000 - (1 << 32))
-    return info
 
 
 def _compound(m: Machine, head: int, order: int, *, anon: bool = False, hugetlb: bool = False,
@@ -72,7 +56,7 @@ def _buddy(m: Machine, head: int, order: int) -> None:
 
 
 def _build(tmp_path: Path, kernel: str, **kw: object) -> tuple[Machine, Path]:
-    info = template(kernel) if kernel in KERNELS else _variant("6.1", kernel)
+    info = template(kernel) if kernel in KERNELS else layout_variant("6.1", kernel)
     m = Machine(info, **kw)  # type: ignore[arg-type]
     # pfn 0x8000..: a zoo of page kinds
     _buddy(m, 0x8000, 3)                                  # free, order 3
@@ -105,9 +89,9 @@ def _classes(path: Path) -> tuple[Plan, dict[int, int]]:
     seen: dict[int, int] = {}
     original = planmod.Classifier.classify
 
-    def spy(self, start_pfn, pages, examined):  # type: ignore[no-untyped-def]
+    def spy(self, start_pfn, pages, examined=None):  # type: ignore[no-untyped-def]
         res = original(self, start_pfn, pages, examined)
-        for i, c in enumerate(res.classes.tolist()):
+        for i, c in enumerate(res.classes):
             seen[start_pfn + i] = c
         return res
 
@@ -217,7 +201,7 @@ def test_vmemmap_leaf_sizes_and_sme_mask(tmp_path: Path, leaf: int) -> None:
 
 
 def test_unaccepted_pages_are_free_but_never_reused(tmp_path: Path) -> None:
-    m = Machine(_variant("6.1", "unaccepted-6.16"))
+    m = Machine(layout_variant("6.1", "unaccepted-6.16"))
     m.page(0x8000, _mapcount=0xF7000000)  # a MAX_PAGE_ORDER block of unaccepted memory
     plan, cls = _classes(m.write(tmp_path / "u"))
     assert PageClass(cls[0x8000]) == PageClass.UNACCEPTED

@@ -1,4 +1,4 @@
-"""Vectorised page classification in makedumpfile's order; pure, no policy, no I/O.
+"""Page classification in makedumpfile's order (loops in ``classify.c``); no policy, no I/O.
 
 The order of the checks is the specification (makedumpfile ``__exclude_unnecessary_pages``):
 compound tail -> buddy free -> unaccepted -> cache -> private cache -> user (anon, hugetlb) ->
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
+from kdumpd.mm import native
 from kdumpd.mm.pagelayout import OrderSource, PageLayout
 
 __all__ = ["ChunkResult", "Classifier", "PageClass", "MDF_CATEGORIES"]
@@ -49,207 +48,122 @@ MDF_CATEGORIES: dict[str, tuple[PageClass, ...]] = {
     "remaining": (PageClass.KERNEL, PageClass.SLAB, PageClass.TAIL, PageClass.NO_MEMMAP),
 }
 
-# Classes whose head makedumpfile excludes together with its whole compound/buddy range.
-_RANGE_CLASSES = frozenset(
-    {
-        PageClass.FREE, PageClass.UNACCEPTED, PageClass.CACHE, PageClass.CACHE_PRIVATE,
-        PageClass.USER_ANON, PageClass.USER_HUGETLB, PageClass.HWPOISON, PageClass.OFFLINE,
-    }
-)
-_RANGE_LUT = np.zeros(256, dtype=bool)
-for _c in _RANGE_CLASSES:
-    _RANGE_LUT[_c] = True
-
-
 @dataclass(slots=True)
 class ChunkResult:
     """Classes of one chunk plus the safety facts only classification can see."""
 
     start_pfn: int
-    classes: npt.NDArray[np.uint8]
-    # Pages that lie in an excluded range (buddy block, folio) containing a PG_hwpoison page,
-    # and the PG_hwpoison pages themselves: never reusable, whatever their class.
-    poisoned: npt.NDArray[np.bool_]
+    # One PageClass value per page.
+    classes: bytearray
+    # 1 for pages that lie in an excluded range (buddy block, folio) containing a PG_hwpoison
+    # page, and for the PG_hwpoison pages themselves: never reusable, whatever their class.
+    poisoned: bytearray
     # Ranges that started in an earlier chunk and turned out to contain a poisoned page here:
     # the caller must withdraw them from what it already planned.
     retract: list[tuple[int, int]] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Carry:
-    cls: int
-    start_pfn: int
-    end_pfn: int
-    poisoned: bool
+_ORDER_SOURCES = {
+    OrderSource.FLAGS1_MAPCOUNT: "KDUMPD_ORDER_FLAGS1_MAPCOUNT",
+    OrderSource.FLAGS1_PG_HUGETLB: "KDUMPD_ORDER_FLAGS1_PG_HUGETLB",
+    OrderSource.FOLIO_FIELDS: "KDUMPD_ORDER_BYTES",
+    OrderSource.PAGE_FIELDS: "KDUMPD_ORDER_BYTES",
+}
 
 
-def _bit(values: npt.NDArray[np.uint64], bit: int | None) -> npt.NDArray[np.bool_]:
-    if bit is None:
-        return np.zeros(values.shape, dtype=bool)
-    result: npt.NDArray[np.bool_] = (values & np.uint64(1 << bit)) != 0
-    return result
+def _check_class_values() -> None:
+    """The C side numbers the classes itself; a mismatch would silently misclassify."""
+    for c in PageClass:
+        if getattr(native.lib, f"KDUMPD_PC_{c.name}") != c.value:
+            raise ImportError(f"kdumpd.mm._classify numbers {c.name} differently; rebuild it")
+
+
+_check_class_values()
+
+
+def _c_layout(lay: PageLayout) -> Any:
+    """PageLayout as the C ``struct kdumpd_layout``."""
+    def mask(bit: int | None) -> int:
+        return 0 if bit is None else 1 << bit
+
+    def marker(value: int | None) -> int:
+        return -1 if value is None else value
+
+    c = native.new_layout()
+    c.size_page = lay.size_page
+    c.off_flags = lay.off_flags
+    c.off_mapping = lay.off_mapping
+    c.off_mapcount = lay.off_mapcount
+    c.off_private = lay.off_private
+    c.off_head = lay.off_compound_head
+    c.off_order = lay.off_order or 0
+    c.off_dtor = lay.off_dtor or 0
+    c.order_source = getattr(native.lib, _ORDER_SOURCES[lay.order_source])
+    c.m_lru = mask(lay.pg_lru)
+    c.m_private = mask(lay.pg_private)
+    c.m_swapcache = mask(lay.pg_swapcache)
+    c.m_swapbacked = mask(lay.pg_swapbacked)
+    c.m_head = lay.pg_head_mask & 0xFFFFFFFFFFFFFFFF
+    c.m_slab = mask(lay.pg_slab)
+    c.m_hwpoison = mask(lay.pg_hwpoison)
+    c.m_hugetlb = mask(lay.pg_hugetlb)
+    c.buddy_value = lay.buddy_value
+    c.offline_value = marker(lay.offline_value)
+    c.hugetlb_value = marker(lay.hugetlb_value)
+    c.slab_value = marker(lay.slab_value)
+    c.unaccepted_value = marker(lay.unaccepted_value)
+    c.hugetlb_dtor = marker(lay.hugetlb_dtor)
+    c.max_buddy_order = lay.max_buddy_order
+    return c
 
 
 class Classifier:
-    """Streams chunks of struct pages through makedumpfile's rules, carrying ranges across."""
+    """Streams chunks of struct pages through makedumpfile's rules, carrying ranges across.
+
+    The per-page work is ``classify.c``; it follows these rules, which are the specification:
+
+    * own class: the first match of compound tail (``compound_head & 1``) -> buddy (page type
+      buddy, not slab; an order ``private >= LENGTH(zone.free_area)`` is makedumpfile's
+      "Invalid free page order": kept as kernel) -> unaccepted -> cache (PG_lru, or
+      PG_swapcache with PG_swapbacked where that exists; not PG_private, not anon) -> private
+      cache (same with PG_private) -> user anon (``mapping & 1``, not slab) -> hugetlb head ->
+      PG_hwpoison -> offline (page type, not slab) -> slab (PG_slab or page type) -> kernel.
+    * a compound head's order and hugetlb marker come from page[1] (``_flags_1 & 0xff`` and
+      the head's page type or PG_hugetlb in ``_flags_1`` from 6.6; the order/dtor bytes
+      before), never from the last page of a chunk; an order the head's pfn is not aligned to
+      is taken as 0. Free pages cover ``1 << private`` pages, unaccepted ones
+      ``1 << (LENGTH(zone.free_area) - 1)``.
+    * an examined page whose own class is excluded with its range (free, unaccepted, cache,
+      private cache, user, hwpoison, offline) and whose range is longer than one page decides
+      the class of every page of the range, examined or not; pages inside are not looked at
+      on their own, and ranges past the chunk's end carry over to the next chunk.
+    * PG_hwpoison pages, and every page of a range holding one, are poisoned; a carried range
+      found poisoned later is retracted from the chunks it covered before.
+    """
 
     def __init__(self, layout: PageLayout) -> None:
         self.layout = layout
-        self._carry: _Carry | None = None
-
-    def own_classes(
-        self, start_pfn: int, pages: npt.NDArray[np.void]
-    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """Each page's class as if evaluated on its own, its range length, and PG_hwpoison."""
-        lay = self.layout
-        n = len(pages)
-        # One gather per field into a contiguous array: every test below then runs on
-        # contiguous memory instead of a 64-byte stride.
-        flags = np.ascontiguousarray(pages["flags"], dtype=np.uint64)
-        mapcount = np.ascontiguousarray(pages["_mapcount"], dtype=np.uint32)
-        mapping = np.ascontiguousarray(pages["mapping"], dtype=np.uint64)
-        private = np.ascontiguousarray(pages["private"], dtype=np.uint64)
-        tail = (np.ascontiguousarray(pages["compound_head"], dtype=np.uint64) & np.uint64(1)) != 0
-
-        slab = _bit(flags, lay.pg_slab)
-        if lay.slab_value is not None:
-            slab |= mapcount == np.uint32(lay.slab_value)
-        buddy = ~slab & (mapcount == np.uint32(lay.buddy_value))
-        unaccepted = (
-            mapcount == np.uint32(lay.unaccepted_value)
-            if lay.unaccepted_value is not None
-            else np.zeros(n, dtype=bool)
-        )
-        swapcache = _bit(flags, lay.pg_swapcache)
-        if lay.pg_swapbacked is not None:
-            swapcache &= _bit(flags, lay.pg_swapbacked)
-        cache = _bit(flags, lay.pg_lru) | swapcache
-        priv = _bit(flags, lay.pg_private)
-        anon = ((mapping & np.uint64(1)) != 0) & ~slab
-        hwpoison = _bit(flags, lay.pg_hwpoison)
-        offline = (
-            ~slab & (mapcount == np.uint32(lay.offline_value))
-            if lay.offline_value is not None
-            else np.zeros(n, dtype=bool)
-        )
-
-        # Compound heads: order and hugetlb marker come from page[1]. A head is aligned to its
-        # order, so page[1] of a head is always inside the same section-aligned chunk.
-        head = (flags & np.uint64(lay.pg_head_mask)) != 0
-        head[-1:] = False
-        order = np.zeros(n, dtype=np.int64)
-        hugetlb = np.zeros(n, dtype=bool)
-        idx = np.nonzero(head)[0]
-        if len(idx):
-            nxt = pages[idx + 1]
-            if lay.order_source in (OrderSource.FLAGS1_MAPCOUNT, OrderSource.FLAGS1_PG_HUGETLB):
-                flags1 = nxt["flags"].astype(np.uint64)
-                head_order = (flags1 & np.uint64(0xFF)).astype(np.int64)
-                if lay.order_source == OrderSource.FLAGS1_MAPCOUNT:
-                    assert lay.hugetlb_value is not None
-                    hugetlb[idx] = mapcount[idx] == np.uint32(lay.hugetlb_value)
-                else:
-                    hugetlb[idx] = _bit(flags1, lay.pg_hugetlb)
-            else:
-                head_order = nxt["order_byte"].astype(np.int64)
-                hugetlb[idx] = nxt["dtor_byte"].astype(np.int64) == lay.hugetlb_dtor
-            pfns = idx.astype(np.int64) + start_pfn
-            align_mask = (np.int64(1) << np.minimum(head_order, 62)) - 1
-            valid = (head_order < 64) & ((pfns & align_mask) == 0)
-            order[idx] = np.where(valid, head_order, 0)
-        nr = np.left_shift(np.int64(1), order)
-
-        cls = np.full(n, PageClass.KERNEL, dtype=np.uint8)
-        # np.select takes the first true condition: the list order is makedumpfile's chain.
-        buddy_order = private.astype(np.int64, copy=False)
-        bad_buddy = buddy & (private >= np.uint64(lay.max_buddy_order))
-        conds = [
-            tail,
-            bad_buddy,
-            buddy,
-            unaccepted,
-            cache & ~priv & ~anon,
-            cache & ~anon,
-            anon,
-            hugetlb,
-            hwpoison,
-            offline,
-            slab,
-        ]
-        choices = [
-            PageClass.TAIL,
-            PageClass.KERNEL,  # makedumpfile warns "Invalid free page order" and keeps it
-            PageClass.FREE,
-            PageClass.UNACCEPTED,
-            PageClass.CACHE,
-            PageClass.CACHE_PRIVATE,
-            PageClass.USER_ANON,
-            PageClass.USER_HUGETLB,
-            PageClass.HWPOISON,
-            PageClass.OFFLINE,
-            PageClass.SLAB,
-        ]
-        cls = np.select(conds, [np.uint8(c) for c in choices], default=np.uint8(PageClass.KERNEL))
-        cls = cls.astype(np.uint8)
-        is_free = cls == PageClass.FREE
-        nr = np.where(is_free, np.left_shift(np.int64(1), np.where(is_free, buddy_order, 0)), nr)
-        nr = np.where(
-            cls == PageClass.UNACCEPTED, np.int64(1) << np.int64(lay.max_buddy_order - 1), nr
-        )
-        return cls, nr, hwpoison
+        self._c_layout = _c_layout(layout)
+        self._carry = native.Carry()
 
     def classify(
         self,
         start_pfn: int,
-        pages: npt.NDArray[np.void],
-        examined: npt.NDArray[np.bool_],
+        pages: native.ByteBuffer,
+        examined: native.ByteBuffer | None = None,
     ) -> ChunkResult:
-        """Classify ``pages`` (struct pages of pfns ``start_pfn ..``).
+        """Classify ``pages`` (raw struct pages of pfns ``start_pfn ..``).
 
-        ``examined`` is False for pfns makedumpfile would skip (outside every PT_LOAD): they
-        neither start a range nor get a class of their own, but a range may still cover them.
+        ``examined`` (one byte per page; None: all) is 0 for pfns makedumpfile would skip
+        (outside every PT_LOAD): they neither start a range nor get a class of their own, but
+        a range may still cover them.
         """
-        n = len(pages)
-        end_pfn = start_pfn + n
-        own, nr, hwpoison = self.own_classes(start_pfn, pages)
-        own = np.where(examined, own, np.uint8(PageClass.HOLE)).astype(np.uint8)
-        cls = own.copy()
-        poisoned = hwpoison.copy()
-        retract: list[tuple[int, int]] = []
-        covered_until = 0  # index in this chunk before which a range has already decided
-
-        carry = self._carry
-        self._carry = None
-        if carry is not None:
-            upto = min(carry.end_pfn, end_pfn) - start_pfn
-            cls[:upto] = carry.cls
-            hit = bool(hwpoison[:upto].any())
-            if hit and not carry.poisoned:
-                retract.append((carry.start_pfn, start_pfn))
-            carry.poisoned |= hit
-            if carry.poisoned:
-                poisoned[:upto] = True
-            covered_until = upto
-            if carry.end_pfn > end_pfn:
-                self._carry = carry
-
-        starts = np.nonzero((nr > 1) & _RANGE_LUT[own] & examined)[0]
-        csum = np.concatenate(([0], np.cumsum(hwpoison, dtype=np.int64)))
-        for i in starts.tolist():
-            if i < covered_until:
-                continue
-            length = int(nr[i])
-            stop = min(i + length, n)
-            cls[i:stop] = own[i]
-            bad = bool(csum[stop] - csum[i])
-            if bad:
-                poisoned[i:stop] = True
-            covered_until = stop
-            if i + length > n:
-                self._carry = _Carry(int(own[i]), start_pfn + i, start_pfn + i + length, bad)
-        return ChunkResult(start_pfn, cls, poisoned, retract)
+        classes, poisoned, retract = native.classify_chunk(
+            self._c_layout, self.layout.size_page, start_pfn, pages, examined, self._carry
+        )
+        return ChunkResult(start_pfn, classes, poisoned, [retract] if retract else [])
 
     def skip_to(self, pfn: int) -> None:
         """Tell the classifier a gap was skipped; a carried range ends at the gap."""
-        if self._carry is not None and self._carry.end_pfn <= pfn:
-            self._carry = None
+        if self._carry.active and self._carry.end_pfn <= pfn:
+            self._carry.clear()

@@ -1,23 +1,19 @@
-"""Per-page reusable masks -> sorted, coalesced half-open PFN extents; pure."""
+"""Reusable runs (or per-page masks) -> sorted, coalesced half-open PFN extents; pure."""
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
-
+from kdumpd.mm import native
 from kdumpd.units import Extent
 
 __all__ = ["ExtentBuilder", "mask_runs"]
 
 
-def mask_runs(start_pfn: int, mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
-    """Half-open runs of True in ``mask``, as absolute pfns."""
-    if not len(mask):
-        return []
-    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
-    edges = np.nonzero(np.diff(padded))[0]
-    starts, ends = edges[0::2], edges[1::2]
-    return [(start_pfn + int(a), start_pfn + int(b)) for a, b in zip(starts, ends, strict=True)]
+_NONZERO = native.lut(range(1, 256))
+
+
+def mask_runs(start_pfn: int, mask: native.ByteBuffer) -> list[tuple[int, int]]:
+    """Half-open runs of non-zero bytes in ``mask`` (one byte per page), as absolute pfns."""
+    return [(start_pfn + a, start_pfn + b) for a, b in native.runs(mask, _NONZERO)]
 
 
 class ExtentBuilder:
@@ -26,12 +22,17 @@ class ExtentBuilder:
     def __init__(self) -> None:
         self._runs: list[list[int]] = []
 
-    def add_mask(self, start_pfn: int, mask: npt.NDArray[np.bool_]) -> None:
-        for a, b in mask_runs(start_pfn, mask):
+    def add_mask(self, start_pfn: int, mask: native.ByteBuffer) -> None:
+        """Add the pages whose byte in ``mask`` is non-zero."""
+        self.add_runs(mask_runs(start_pfn, mask))
+
+    def add_runs(self, runs: list[tuple[int, int]]) -> None:
+        """Add half-open pfn runs, sorted, at or after everything added before."""
+        for a, b in runs:
             if self._runs and self._runs[-1][1] == a:
                 self._runs[-1][1] = b
             elif self._runs and a < self._runs[-1][1]:
-                raise ValueError("masks must be added in pfn order")
+                raise ValueError("runs must be added in pfn order")
             else:
                 self._runs.append([a, b])
 

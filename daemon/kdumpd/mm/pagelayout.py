@@ -1,4 +1,4 @@
-"""The struct page numpy dtype and the page-flag/page-type constants, from VMCOREINFO.
+"""Where struct page fields lie and the page-flag/page-type constants, from VMCOREINFO.
 
 Layout forks are decided by which keys exist, never by kernel version; each fork names the
 kernel commit that made it necessary.
@@ -7,8 +7,6 @@ kernel commit that made it necessary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from kdumpd.errors import LayoutError
 from kdumpd.vmcore.vmcoreinfo import VmcoreInfo
@@ -36,7 +34,16 @@ class PageLayout:
     """Everything needed to classify one struct page, validated up front."""
 
     size_page: int
-    dtype: np.dtype[np.void]
+    # Byte offsets in struct page (little-endian u64, except _mapcount: u32).
+    off_flags: int
+    off_mapping: int
+    off_mapcount: int
+    off_private: int
+    off_compound_head: int
+    # Byte offsets of the one-byte compound order and dtor within page[1] of a head
+    # (FOLIO_FIELDS and PAGE_FIELDS only, else None).
+    off_order: int | None
+    off_dtor: int | None
     order_source: str
     pg_lru: int
     pg_private: int
@@ -80,12 +87,13 @@ class PageLayout:
                 "kernels before 4.18 (PAGE_BUDDY_MAPCOUNT_VALUE=-128) are not supported"
             )
 
-        fields: dict[str, tuple[str, int]] = {
-            "flags": ("<u8", info.offset("page.flags")),
-            "mapping": ("<u8", info.offset("page.mapping")),
-            "_mapcount": ("<u4", info.offset("page._mapcount")),
-            "private": ("<u8", info.offset("page.private")),
-            "compound_head": ("<u8", head_off),
+        # name -> (width in bytes, offset)
+        fields: dict[str, tuple[int, int]] = {
+            "flags": (8, info.offset("page.flags")),
+            "mapping": (8, info.offset("page.mapping")),
+            "_mapcount": (4, info.offset("page._mapcount")),
+            "private": (8, info.offset("page.private")),
+            "compound_head": (8, head_off),
         }
         hugetlb_value = _opt32(info, "PAGE_HUGETLB_MAPCOUNT_VALUE")
         pg_hugetlb = info.numbers.get("PG_hugetlb")
@@ -99,12 +107,12 @@ class PageLayout:
             # Since Linux kernel commit 1c5509be58f6 ("mm: remove 'First tail page' members
             # from struct page") (in v6.3), the order is a folio field.
             source = OrderSource.FOLIO_FIELDS
-            fields["order_byte"] = ("<u1", info.offset("folio._folio_order") - size_page)
-            fields["dtor_byte"] = ("<u1", info.offset("folio._folio_dtor") - size_page)
+            fields["order_byte"] = (1, info.offset("folio._folio_order") - size_page)
+            fields["dtor_byte"] = (1, info.offset("folio._folio_dtor") - size_page)
         elif info.has("OFFSET", "page.compound_order"):
             source = OrderSource.PAGE_FIELDS
-            fields["order_byte"] = ("<u1", info.offset("page.compound_order"))
-            fields["dtor_byte"] = ("<u1", info.offset("page.compound_dtor"))
+            fields["order_byte"] = (1, info.offset("page.compound_order"))
+            fields["dtor_byte"] = (1, info.offset("page.compound_dtor"))
         else:
             raise LayoutError(
                 "VMCOREINFO says nowhere where the compound order lives "
@@ -113,19 +121,10 @@ class PageLayout:
             )
         if source in (OrderSource.FOLIO_FIELDS, OrderSource.PAGE_FIELDS) and hugetlb_dtor is None:
             raise LayoutError("VMCOREINFO lacks NUMBER(HUGETLB_PAGE_DTOR)")
-        for name, (fmt, off) in fields.items():
-            width = np.dtype(fmt).itemsize
+        for name, (width, off) in fields.items():
             if not 0 <= off <= size_page - width:
                 raise LayoutError(f"struct page field {name} at offset {off} lies outside "
                                   f"SIZE(page)={size_page}")
-        dtype = np.dtype(
-            {
-                "names": list(fields),
-                "formats": [f for f, _ in fields.values()],
-                "offsets": [o for _, o in fields.values()],
-                "itemsize": size_page,
-            }
-        )
         pg_private = info.number("PG_private")
         # Since Linux kernel commit 6326fec1122c ("mm: Use owner_priv bit for PageSwapCache,
         # valid when PageSwapBacked") (in v4.10) PG_swapcache aliases PG_owner_priv_1.
@@ -133,6 +132,8 @@ class PageLayout:
         if pg_swapbacked is None and info.has("NUMBER", "PG_swapcache"):
             pg_swapbacked = None  # pre-4.10: PG_swapcache is a real bit of its own
         max_order = info.lengths.get("zone.free_area", 11)
+        if not 1 <= max_order <= 63:
+            raise LayoutError(f"LENGTH(zone.free_area)={max_order} is implausible")
         flag_bits = {
             "PG_lru": info.number("PG_lru"),
             "PG_private": pg_private,
@@ -146,7 +147,13 @@ class PageLayout:
                 raise LayoutError(f"NUMBER({name})={bit} is not a bit number")
         return cls(
             size_page=size_page,
-            dtype=dtype,
+            off_flags=fields["flags"][1],
+            off_mapping=fields["mapping"][1],
+            off_mapcount=fields["_mapcount"][1],
+            off_private=fields["private"][1],
+            off_compound_head=fields["compound_head"][1],
+            off_order=fields["order_byte"][1] if "order_byte" in fields else None,
+            off_dtor=fields["dtor_byte"][1] if "dtor_byte" in fields else None,
             order_source=source,
             pg_lru=flag_bits["PG_lru"],
             pg_private=pg_private,

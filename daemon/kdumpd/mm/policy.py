@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-import numpy.typing as npt
-
 from kdumpd.errors import ConfigError
+from kdumpd.mm import native
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.pagelayout import OrderSource, PageLayout
 
@@ -78,16 +76,17 @@ class ReusePolicy:
             )
         return cls(dump_level, frozenset(classes), withheld)
 
-    def reusable_mask(
+    def reusable_runs(
         self,
-        classes: npt.NDArray[np.uint8],
-        poisoned: npt.NDArray[np.bool_],
-        usable: npt.NDArray[np.bool_],
-    ) -> npt.NDArray[np.bool_]:
-        """Per-page verdict; ``usable`` = in a PT_LOAD's file bytes and a present, online
-        section with a mem_map."""
-        lut = np.zeros(256, dtype=bool)
-        for c in self.classes:
-            lut[c] = True
-        result: npt.NDArray[np.bool_] = lut[classes] & ~poisoned & usable
-        return result
+        classes: native.ByteBuffer,
+        poisoned: native.ByteBuffer,
+        usable: tuple[int, int],
+    ) -> list[tuple[int, int]]:
+        """Half-open index runs of reusable pages: of a reusable class, not poisoned, and
+        within ``usable`` = the index range whose pages are in a PT_LOAD's file bytes and in a
+        present, online section with a mem_map."""
+        n = memoryview(classes).nbytes
+        lo, hi = max(usable[0], 0), min(usable[1], n)
+        if lo >= hi:
+            return []
+        return native.runs(classes, native.lut(self.classes), poisoned, lo, hi)
