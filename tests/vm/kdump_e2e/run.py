@@ -290,19 +290,25 @@ def analyse(mode: str, d: Path) -> dict[str, Any]:
     r["oom_killed"] = r["hog_rc"] == 137 and "(hog)" in oom
     r["completed"] = r["hog_rc"] == 0 and bool(hog) and hog.get("wrong_pages") == 0
     r["wrong_reads"] = hog.get("wrong_pages")
-    samples = []
+    # time, daemon RSS, PSS, nbdkit RSS, PSS, swap used, MemFree (KiB)
+    samples: list[list[float]] = []
     try:
         for line in (d / "samples.txt").read_text().splitlines():
             parts = line.split()
-            if len(parts) == 5:
-                samples.append([float(parts[0])] + [int(p or 0) for p in parts[1:]])
+            if len(parts) == 7:
+                samples.append([float(p or 0) for p in parts])
     except (OSError, ValueError):
         pass
-    r["swap_used_bytes"] = max((s[3] for s in samples), default=0) * 1024
-    r["kdumpd_rss_bytes"] = max((s[1] + s[2] for s in samples), default=0) * 1024
-    r["kdumpd_rss_parts"] = {
-        "daemon": max((s[1] for s in samples), default=0) * 1024,
-        "nbdkit": max((s[2] for s in samples), default=0) * 1024}
+    serving = [s for s in samples if s[1] and s[3]]  # both processes up
+    r["swap_used_bytes"] = int(max((s[5] for s in samples), default=0)) * 1024
+    for what, col in (("rss", 1), ("pss", 2)):
+        totals = sorted(s[col] + s[col + 2] for s in serving)
+        r[f"kdumpd_{what}_bytes"] = int(totals[-1]) * 1024 if totals else None
+        r[f"kdumpd_{what}_median_bytes"] = int(totals[len(totals) // 2]) * 1024 if totals else None
+        r[f"kdumpd_{what}_parts"] = {
+            "daemon": int(max((s[col] for s in serving), default=0)) * 1024,
+            "nbdkit": int(max((s[col + 2] for s in serving), default=0)) * 1024}
+    r["samples"] = len(serving)
     st = _json(d / "status-end.json")
     integ = st.get("integrity", {})
     r["status"] = {k: st.get(k) for k in ("copies", "size_bytes", "capacity_bytes",
@@ -398,6 +404,9 @@ def summary_line(args: argparse.Namespace, kernel: mk.Kernel, images: dict[str, 
         "initramfs_added_bytes": added_c,
         "initramfs_added_unpacked_bytes": added_u,
         "kdumpd_rss_bytes": s.get("kdumpd_rss_bytes") or x.get("kdumpd_rss_bytes"),
+        "kdumpd_pss_bytes": s.get("kdumpd_pss_bytes") or x.get("kdumpd_pss_bytes"),
+        "kdumpd_pss_parts": s.get("kdumpd_pss_parts") or x.get("kdumpd_pss_parts"),
+        "kdumpd_rss_parts": s.get("kdumpd_rss_parts") or x.get("kdumpd_rss_parts"),
         "ready_seconds": s.get("ready_seconds") or x.get("ready_seconds"),
         "dump_seconds": s.get("dump_seconds"),
         "reference_dump_seconds": (s.get("timings") or {}).get("reference_dump_seconds"),
@@ -408,7 +417,39 @@ def summary_line(args: argparse.Namespace, kernel: mk.Kernel, images: dict[str, 
                     if x else None),
         "modes": list(results),
         "passed": not checks(results),
-    }
+    } | ratios(s.get("ready_seconds") or x.get("ready_seconds"), s.get("dump_seconds"),
+               (s.get("timings") or {}).get("reference_dump_seconds"))
+
+
+def ratios(ready: float | None, dump: float | None, reference: float | None) -> dict[str, Any]:
+    """Start-up and the dump's slowdown against the reference dump of the same run (the
+    dump before kdumpd started, in the same capture kernel): ratios, not absolute times."""
+    if not reference:
+        return {"ready_vs_reference_dump": None, "dump_vs_reference_dump": None}
+    return {"ready_vs_reference_dump": round(ready / reference, 3) if ready else None,
+            "dump_vs_reference_dump": round(dump / reference, 3) if dump else None}
+
+
+# The footprint goals (issue "Lean and fast"): printed met or missed, never asserted here.
+GOALS = (
+    ("kdumpd_pss_bytes", "PSS of everything kdumpd runs", 24 * MIB, "bytes"),
+    ("initramfs_added_unpacked_bytes", "added to the initramfs, unpacked", 12 * MIB, "bytes"),
+    ("ready_vs_reference_dump", "time to READY / reference dump", 0.25, "ratio"),
+    ("dump_vs_reference_dump", "dump while serving / reference dump", 1.10, "ratio"),
+)
+
+
+def goal_lines(line: dict[str, Any]) -> list[str]:
+    out = []
+    for key, what, limit, kind in GOALS:
+        value = line.get(key)
+        if value is None:
+            out.append(f"{what}: not measured")
+            continue
+        shown = (f"{value / MIB:.1f} MiB (goal <= {limit / MIB:.0f} MiB)" if kind == "bytes"
+                 else f"{value:.2f}x (goal <= {limit:.2f}x)")
+        out.append(f"{what}: {shown} {'met' if value <= limit else 'MISSED'}")
+    return out
 
 
 def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
@@ -455,7 +496,10 @@ def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> N
           + f"); {r.get('dump_seconds')} s")
     p(f"   cost: +{line['initramfs_added_bytes'] / MIB:.1f} MiB initramfs "
       f"(+{line['initramfs_added_unpacked_bytes'] / MIB:.1f} MiB unpacked), "
-      f"kdumpd + nbdkit {_mib(line['kdumpd_rss_bytes'])} RSS while serving")
+      f"kdumpd + nbdkit {_mib(line['kdumpd_rss_bytes'])} RSS, "
+      f"{_mib(line['kdumpd_pss_bytes'])} PSS while serving (peak)")
+    for goal in goal_lines(line):
+        p(f"   goal: {goal}")
     bad = checks(results)
     p("   RESULT: " + ("PASS" if not bad else "FAIL: " + "; ".join(bad)))
 
