@@ -15,12 +15,12 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from kdumpd import __version__
-from kdumpd.errors import ConfigError, KdumpdError, RefusedError
+from kdumpd.errors import ConfigError, KdumpdError, RefusedError, VmcoreError
 from kdumpd.extentsfile import STDOUT, check_output_path, write_extents_file
 from kdumpd.plan import Plan, make_plan, read_crash_log
 from kdumpd.safeplan import DEFAULT_COLLECTOR, gated_plan, host_facts_here
@@ -29,7 +29,7 @@ from kdumpd.safety.gate import MCE_POLICIES
 from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
 from kdumpd.safety.kdumpconf import discover
 from kdumpd.servecli import add_serve_commands
-from kdumpd.vmcore.core import open_vmcore
+from kdumpd.vmcore.core import Vmcore, open_vmcore
 
 __all__ = ["main"]
 
@@ -128,12 +128,28 @@ def _asked_level(args: argparse.Namespace) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _vmcore(path: str) -> Iterator[Vmcore]:
+    """open_vmcore, with every error naming the file (the reader's messages say what is wrong
+    in the file, not which file) and an empty file called empty."""
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise VmcoreError(f"{path}: empty file (not a vmcore)")
+    try:
+        with open_vmcore(path) as vm:
+            yield vm
+    except VmcoreError as exc:
+        if path in str(exc):
+            raise
+        raise VmcoreError(f"{path}: {exc}") from exc
+
+
 def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
     """The gated plan, or (for survey) the ungated counts and the refusal."""
     bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
     collector = _collector(args)
     try:
-        with open_vmcore(args.vmcore) as vm:
+        with _vmcore(args.vmcore) as vm:
             try:
                 gated = gated_plan(
                     vm, collector=collector, host=_host_facts(args),
@@ -209,7 +225,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    with open_vmcore(args.vmcore) as vm:
+    with _vmcore(args.vmcore) as vm:
         for record in read_crash_log(vm):
             print(record.format())
     return 0

@@ -331,3 +331,15 @@ def test_readme_synopsis_brackets_optional_flags() -> None:
     assert "kdumpd status [--json] [--run-dir DIR]" in block
     assert "kdumpd stop [--run-dir DIR]" in block
     assert "--extents FILE|-" in block
+
+
+@pytest.mark.parametrize("content,text", [(b"", "empty file"), (b"hello\n" * 20, "not an ELF")])
+@pytest.mark.parametrize("command", ["survey", "dmesg"])
+def test_a_file_that_is_no_vmcore_is_named(tmp_path: Path, content: bytes, text: str,
+                                           command: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "mycore"
+    bad.write_bytes(content)
+    assert main([command, str(bad)]) == VmcoreError.exit_code
+    line = _one_line(capsys)
+    assert f"{bad}: " in line and text in line
