@@ -1,28 +1,35 @@
 """The ``kdumpd`` command line: the only place that prints and exits.
 
 Every KdumpdError becomes one line on stderr and the class's exit code; ``--debug`` adds the
-traceback. Nothing here decides anything: it parses, calls, formats.
+traceback and changes nothing else. A usage error is one line too (exit 2). Nothing here
+decides anything: it parses, calls, formats.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kdumpd import __version__
-from kdumpd.config import Config
-from kdumpd.errors import KdumpdError, RefusedError
-from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
-from kdumpd.safeplan import gated_plan, host_facts_here
+from kdumpd.errors import ConfigError, KdumpdError, RefusedError, VmcoreError
+from kdumpd.extentsfile import STDOUT, check_output_path, write_extents_file
+from kdumpd.plan import Plan, make_plan, read_crash_log
+from kdumpd.safeplan import DEFAULT_COLLECTOR, gated_plan, host_facts_here
+from kdumpd.safety.collector import parse_collector
 from kdumpd.safety.gate import MCE_POLICIES
 from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
-from kdumpd.vmcore.core import open_vmcore
+from kdumpd.safety.kdumpconf import discover
+from kdumpd.servecli import add_serve_commands
+from kdumpd.vmcore.core import Vmcore, open_vmcore
 
 __all__ = ["main"]
 
@@ -73,22 +80,76 @@ def _dump_level(text: str) -> int:
     return level
 
 
+def _read_named(flag: str, path: str | None) -> str:
+    """The text of a file the user named with ``flag``: missing, unreadable or binary is a
+    ConfigError naming the flag and the file."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not a text file") from None
+
+
 def _host_facts(args: argparse.Namespace) -> HostFacts | None:
     if args.host_iomem or args.host_cmdline:
-        iomem = Path(args.host_iomem).read_text() if args.host_iomem else ""
-        cmdline = Path(args.host_cmdline).read_text() if args.host_cmdline else ""
-        return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline")
+        iomem = _read_named("--host-iomem", args.host_iomem)
+        cmdline = _read_named("--host-cmdline", args.host_cmdline)
+        if args.host_iomem and not iomem.strip():
+            raise ConfigError(f"--host-iomem {args.host_iomem}: empty (expected the capture "
+                              "kernel's /proc/iomem)")
+        try:
+            return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline")
+        except ValueError as exc:
+            raise ConfigError(f"--host-iomem/--host-cmdline: {exc}") from None
     return host_facts_here(Path(args.vmcore))
+
+
+def _collector(args: argparse.Namespace) -> str | None:
+    """The collector named on the command line (``-d N`` stands for makedumpfile -d N)."""
+    if args.dump_level is not None:
+        return f"makedumpfile -d {args.dump_level}"
+    collector: str | None = args.collector
+    return collector
+
+
+def _asked_level(args: argparse.Namespace) -> int | None:
+    """The dump level the collector in force uses (None: it excludes nothing), found the way
+    the gate finds it; for the survey header when the gate refused."""
+    try:
+        cmdline = _collector(args)
+        if cmdline is None:
+            found = discover("/")
+            cmdline = found.cmdline if found else DEFAULT_COLLECTOR
+        return parse_collector(cmdline).dump_level
+    except KdumpdError:
+        return None
+
+
+@contextlib.contextmanager
+def _vmcore(path: str) -> Iterator[Vmcore]:
+    """open_vmcore, with every error naming the file (the reader's messages say what is wrong
+    in the file, not which file) and an empty file called empty."""
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise VmcoreError(f"{path}: empty file (not a vmcore)")
+    try:
+        with open_vmcore(path) as vm:
+            yield vm
+    except VmcoreError as exc:
+        if path in str(exc):
+            raise
+        raise VmcoreError(f"{path}: {exc}") from exc
 
 
 def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
     """The gated plan, or (for survey) the ungated counts and the refusal."""
     bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
-    collector = args.collector
-    if collector is None and args.dump_level is not None:
-        collector = f"makedumpfile -d {args.dump_level}"
+    collector = _collector(args)
     try:
-        with open_vmcore(args.vmcore) as vm:
+        with _vmcore(args.vmcore) as vm:
             try:
                 gated = gated_plan(
                     vm, collector=collector, host=_host_facts(args),
@@ -115,14 +176,23 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_survey(args: argparse.Namespace) -> int:
     plan, refusal = _build_plan(args)
+    # Refused, the counts are those dump level 31 would give (for reference); the header and
+    # the JSON name the level actually asked for, as the refusal line does.
+    level: int | None = _asked_level(args) if refusal else plan.dump_level
     if args.json:
         doc = plan.to_json()
         if refusal:
-            doc.update(refused=refusal, reusable_pages=0, reusable_bytes=0, extents=0)
+            doc.update(refused=refusal, reusable_pages=0, reusable_bytes=0, extents=0,
+                       dump_level=level, counted_at_dump_level=plan.dump_level)
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(f"kernel {plan.osrelease} ({plan.arch}), dump level {plan.dump_level}")
-    print("Excluded pages (makedumpfile categories):")
+    asked = f"dump level {level}" if level is not None else "a collector that excludes nothing"
+    print(f"kernel {plan.osrelease} ({plan.arch}), {asked}")
+    if refusal:
+        print(f"Pages per makedumpfile category (as dump level {plan.dump_level} would count "
+              "them, for reference):")
+    else:
+        print("Excluded pages (makedumpfile categories):")
     for key, label in _CATEGORY_LABELS:
         value = plan.categories.get(key)
         shown = "not computed" if value is None else f"0x{value:016x}"
@@ -144,189 +214,114 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    inputs = [p for p in (args.vmcore, args.host_iomem, args.host_cmdline) if p]
+    check_output_path(args.extents, inputs)  # before the slow part: refuse early
     plan, _ = _build_plan(args)
-    write_extents_file(args.extents, plan.extents)
+    write_extents_file(args.extents, plan.extents, inputs)
+    where = "standard output" if args.extents == STDOUT else args.extents
     print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
-          f"({_fmt_bytes(plan.reusable_bytes)}) written to {args.extents}", file=sys.stderr)
+          f"({_fmt_bytes(plan.reusable_bytes)}) written to {where}", file=sys.stderr)
     return 0
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    with open_vmcore(args.vmcore) as vm:
+    with _vmcore(args.vmcore) as vm:
         for record in read_crash_log(vm):
             print(record.format())
     return 0
 
 
+_VMCORE_HELP = "the crashed kernel's dump: an ELF vmcore (/proc/vmcore or a saved copy)"
+_DESCRIPTION = (
+    "kdumpd reuses the crashed kernel's memory that the dump leaves out (free pages, page "
+    "cache, user data) as a block device in the kdump capture kernel. survey, plan and dmesg "
+    "only read a vmcore; serve, status and stop run the device.")
+_EPILOG = ("exit codes: 0 ok, 1 other error, 2 bad configuration or argument, 3 corrupt or "
+           "truncated vmcore, 4 unknown layout, 5 page tables that do not resolve, 6 refused, "
+           "7 old-memory backend, 8 data lost, 9 serving failed, 10 not running, "
+           "11 self-test failed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other kdumpd error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common() -> _Parser:
+    """Options every subcommand takes too, so that ``kdumpd survey V --debug`` works."""
+    common = _Parser(add_help=False)
+    # SUPPRESS: absent after the subcommand, it keeps what was given before it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="also print the traceback of an error and debug logs (the exit "
+                             "code stays the same; default: off)")
+    return common
+
+
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dump-level", "-d", type=_dump_level, default=None,
-        help="shorthand for --collector 'makedumpfile -d N'")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--dump-level", "-d", type=_dump_level, default=None, metavar="N",
+        help="the dump level the collector uses: shorthand for --collector "
+             "'makedumpfile -d N' (default: the configured collector's)")
+    which.add_argument(
         "--collector", metavar="'COMMAND LINE'", default=None,
         help="the dump collector that will run (default: read from /etc/kdump.conf or "
              "/etc/default/kdump-tools; without either: makedumpfile -d 31)")
     parser.add_argument("--mce-policy", choices=MCE_POLICIES, default="refuse",
-                        help="after a hardware memory error: reuse nothing (default) or "
-                             "exclude the reported address ranges")
+                        help="after a hardware memory error: reuse nothing (refuse) or "
+                             "exclude the reported address ranges (default: refuse)")
     parser.add_argument("--host-iomem", metavar="FILE", default=None,
-                        help="the capture kernel's /proc/iomem, to check a plan offline")
+                        help="the capture kernel's /proc/iomem, to check a plan offline "
+                             "(default: read it only when planning the live /proc/vmcore)")
     parser.add_argument("--host-cmdline", metavar="FILE", default=None,
-                        help="the capture kernel's /proc/cmdline, to check a plan offline")
+                        help="the capture kernel's /proc/cmdline, to check a plan offline "
+                             "(default: as --host-iomem)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdumpd", description=__doc__)
+    parser = _Parser(prog="kdumpd", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("--version", action="version", version=f"kdumpd {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="also print the traceback of an error and debug logs (the exit "
+                             "code stays the same; default: off)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common()]
 
-    survey = sub.add_parser("survey", help="count pages per class and what could be reused")
-    survey.add_argument("vmcore")
+    survey = sub.add_parser(
+        "survey", parents=common, help="count pages per class and what could be reused",
+        description="Count the vmcore's pages in makedumpfile's categories and show what "
+                    "kdumpd could reuse at the collector's dump level, behind the safety "
+                    "gate. A refusal is reported, not an error.")
+    survey.add_argument("vmcore", help=_VMCORE_HELP)
     _add_gate_options(survey)
-    survey.add_argument("--json", action="store_true")
+    survey.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of text (default: text)")
     survey.add_argument("--count-zero", action="store_true",
-                        help="also read page contents to count zero pages (slow)")
+                        help="also read page contents to count zero pages (slow; default: "
+                             "not computed)")
     survey.set_defaults(func=cmd_survey)
 
-    plan = sub.add_parser("plan", help="write the reusable pfn extents")
-    plan.add_argument("vmcore")
+    plan = sub.add_parser(
+        "plan", parents=common, help="write the reusable pfn extents",
+        description="Write the pages kdumpd may reuse as half-open pfn ranges, 'start end' in "
+                    "hex, one per line. A refusal exits 6 and writes nothing.")
+    plan.add_argument("vmcore", help=_VMCORE_HELP)
     _add_gate_options(plan)
-    plan.add_argument("--extents", required=True, metavar="FILE")
+    plan.add_argument("--extents", required=True, metavar="FILE",
+                      help="where to write the extents (required; - for standard output). "
+                           "Written atomically; never an input, a directory or a device")
     plan.set_defaults(func=cmd_plan)
 
-    dmesg = sub.add_parser("dmesg", help="print the crashed kernel's log from the vmcore")
-    dmesg.add_argument("vmcore")
+    dmesg = sub.add_parser("dmesg", parents=common,
+                           help="print the crashed kernel's log from the vmcore",
+                           description="Print the crashed kernel's log buffer, as dmesg would.")
+    dmesg.add_argument("vmcore", help=_VMCORE_HELP)
     dmesg.set_defaults(func=cmd_dmesg)
 
-    _add_serve_commands(sub)
+    add_serve_commands(sub, common)
     return parser
-
-
-# -- serve / status / stop -------------------------------------------------------------------
-
-# serve flag -> config key; every flag defaults to None so that only given flags override the
-# config file and the kernel command line (see kdumpd.config for the precedence).
-_SERVE_FLAGS = [
-    ("--backend", "backend", "image:FILE|devmem|vmcore|auto"),
-    ("--socket", "socket", "PATH"),
-    ("--copies", "copies", "N"),
-    ("--run-dir", "run_dir", "DIR"),
-    ("--as", "as", "swap|scratch|none"),
-    ("--mount", "mount", "DIR"),
-    ("--dump-level", "dump_level", "N"),
-    ("--collector", "collector", "'COMMAND LINE'"),
-    ("--mce-policy", "mce_policy", "refuse|exclude-range"),
-    ("--size", "size", "BYTES|auto"),
-    ("--device", "device", "/dev/nbdN|auto"),
-    ("--report", "report", "PATH"),
-    ("--scrub-rate", "scrub_rate", "BYTES/s"),
-    ("--swap-priority", "swap_priority", "N"),
-    ("--fstype", "fstype", "ext4|ext2|xfs"),
-    ("--threads", "threads", "N"),
-    ("--min-distance", "min_distance", "BYTES"),
-    ("--status-interval", "status_interval", "SECONDS"),
-    ("--log-level", "log_level", "LEVEL"),
-    ("--nbdkit", "nbdkit", "PATH"),
-]
-
-
-def _serve_flags(args: argparse.Namespace) -> dict[str, str]:
-    flags = {key: str(getattr(args, key)) for _, key, _ in _SERVE_FLAGS
-             if getattr(args, key, None) is not None}
-    if getattr(args, "vmcore", None) is not None:
-        flags["vmcore"] = args.vmcore
-    for key in ("attach", "protect"):
-        if getattr(args, key, None) is not None:
-            flags[key] = "yes" if getattr(args, key) else "no"
-    if args.debug and "log_level" not in flags:
-        flags["log_level"] = "debug"
-    return flags
-
-
-def _daemon() -> Any:
-    """The daemon module, imported only by serve/status/stop: survey, plan and dmesg stay
-    free of the store, nbd and systemd imports (start-up time and memory)."""
-    from kdumpd import daemon
-
-    return daemon
-
-
-def _serve_config(args: argparse.Namespace) -> Config:
-    cfg: Config = _daemon().load_serve_config(_serve_flags(args), config_path=args.config,
-                                              cmdline_path=args.kernel_cmdline)
-    return cfg
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    rc: int = _daemon().serve(_serve_config(args))
-    return rc
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    st = _daemon().read_status(_serve_config(args).run_dir)
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-        return 0 if st["running"] else 1
-    i = st["integrity"]
-    use = {"swap": " as swap", "scratch": f" on {st.get('mounted')}"}.get(st.get("as") or "", "")
-    print(f"kdumpd: {st['state']} (pid {st['daemon_pid']}, nbdkit {st['nbdkit_pid']})")
-    print(f"  socket     {st['socket']}")
-    print(f"  device     {st['device'] or 'not attached'}{use}")
-    print(f"  backend    {st['backend']}")
-    print(f"  copies     {st['copies']}")
-    print(f"  size       {_fmt_bytes(st['size_bytes'] or 0)}")
-    print(f"  capacity   {_fmt_bytes(st['capacity_bytes'] or 0)}")
-    print(f"  used       {_fmt_bytes(st['used_bytes'] or 0)}")
-    print(f"  integrity  detected {i['detected']}, repaired {i['repaired']}, quarantined "
-          f"{i['quarantined']}, lost {i['lost']} (relocated {i['relocated']}, scrubbed "
-          f"{i['scrubbed_blocks']} blocks)")
-    rss, anon = st["rss_bytes"], st["rss_anon_bytes"]
-    print(f"  memory     daemon {_fmt_bytes(rss['daemon'])} RSS ({_fmt_bytes(anon['daemon'])} "
-          f"anon), nbdkit {_fmt_bytes(rss['nbdkit'])} RSS ({_fmt_bytes(anon['nbdkit'])} anon)")
-    prot = st.get("protections") or {}
-    print("  protect    " + (", ".join(f"{k} {v}" for k, v in sorted(prot.items())) or "off"))
-    return 0 if st["running"] else 1
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    print(_daemon().stop(_serve_config(args).run_dir, timeout=args.timeout))
-    return 0
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="configuration file (default /etc/kdumpd.conf, may be absent)")
-    parser.add_argument("--kernel-cmdline", metavar="FILE", default="/proc/cmdline",
-                        help="where to read kdumpd.*= parameters (default /proc/cmdline)")
-    parser.add_argument("--run-dir", dest="run_dir", metavar="DIR", default=None,
-                        help="run directory (default /run/kdumpd)")
-
-
-def _add_serve_commands(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="serve old memory as an NBD device (foreground)")
-    serve.add_argument("vmcore", nargs="?", default=None,
-                       help="the crashed kernel's dump (default /proc/vmcore)")
-    _add_config_options(serve)
-    for flag, key, metavar in _SERVE_FLAGS:
-        if key == "run_dir":
-            continue
-        serve.add_argument(flag, dest=key, metavar=metavar, default=None)
-    serve.add_argument("--attach", action=argparse.BooleanOptionalAction, default=None,
-                       help="attach /dev/nbdX with nbd-client (needs root)")
-    serve.add_argument("--protect", action=argparse.BooleanOptionalAction, default=None,
-                       help="mlockall, PR_SET_IO_FLUSHER, oom_score_adj -1000 (default on)")
-    serve.set_defaults(func=cmd_serve)
-
-    status = sub.add_parser("status", help="capacity, use and integrity of the running daemon")
-    _add_config_options(status)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
-
-    stop = sub.add_parser("stop", help="tear down: swapoff/umount, disconnect, stop nbdkit")
-    _add_config_options(stop)
-    stop.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
-    stop.set_defaults(func=cmd_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,9 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     except KdumpdError as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"kdumpd: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `kdumpd survey V | head`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # A file kdumpd did not expect to fail (the named ones are checked and raise
+        # KdumpdError): still one line naming it, never a traceback unless --debug.
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kdumpd: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -375,7 +375,8 @@ def load_config(
     flag_layer: dict[str, tuple[Any, str]] = {}
     for key, text in (flags or {}).items():
         k = _norm(key)
-        where = f"--{k.replace('_', '-')} {text}"
+        # vmcore is serve's positional argument: there is no --vmcore flag to name
+        where = f"VMCORE argument {text}" if k == "vmcore" else f"--{k.replace('_', '-')} {text}"
         flag_layer[k] = (_parse_one(k, text, where), where)
     layers.append(flag_layer)
     for layer in layers:

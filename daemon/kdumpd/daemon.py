@@ -38,6 +38,7 @@ from kdumpd.config import DEFAULT_PATH as DEFAULT_CONFIG_PATH
 from kdumpd.config import Config, human_size, load_config
 from kdumpd.errors import (
     BackendError,
+    ConfigError,
     KdumpdError,
     NotRunningError,
     RefusedError,
@@ -49,6 +50,7 @@ from kdumpd.nbd.protect import protect_process
 from kdumpd.nbd.runconf import RunConf, atomic_write_json, read_json
 from kdumpd.nbd.selftest import run_selftest
 from kdumpd.nbd.service import open_backend, process_rss, store_capacity
+from kdumpd.nbd.sockpath import answers, check_socket_path, remove_if_stale
 from kdumpd.oldmem.base import drop_contained, identity_ranges
 from kdumpd.oldmem.devmem import DevMem
 from kdumpd.oldmem.vmcore_rw import VmcoreRW
@@ -252,14 +254,30 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 def _make_run_dir(run_dir: str) -> None:
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)
+    """Create the run directory (mode 0700); a place that cannot be one is a ConfigError."""
+    real = os.path.realpath(run_dir)
+    for top in ("/proc", "/sys"):
+        if real == top or real.startswith(top + "/"):
+            raise ConfigError(f"run directory {run_dir}: under {top}, a kernel interface")
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        os.chmod(run_dir, 0o700)
+    except FileExistsError:
+        raise ConfigError(f"run directory {run_dir}: exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"run directory {run_dir}: {exc.strerror}"
+                          + (f" ({exc.filename})" if exc.filename != run_dir else "")) from None
 
 
 @contextlib.contextmanager
 def _run_dir_lock(run_dir: str) -> Iterator[int]:
     path = os.path.join(run_dir, "kdumpd.pid")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"run directory {run_dir}: cannot open {path}: {exc.strerror}") \
+            from None
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -267,11 +285,16 @@ def _run_dir_lock(run_dir: str) -> Iterator[int]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             other = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            raise ServeError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") from None
+            raise RefusedError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") \
+                from None
+        locked = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
+        if locked:  # ours: no dead pid file left behind (removed while the lock is held)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         os.close(fd)
 
 
@@ -368,6 +391,9 @@ def serve(cfg: Config) -> int:
     old_handlers = _install_signals()
     try:
         with _run_dir_lock(cfg.run_dir) as lock_fd:
+            # Before planning and before any report: a refused socket must not overwrite
+            # the report of the daemon that owns it.
+            check_socket_path(os.path.abspath(cfg.socket))
             return _serve_locked(cfg, lock_fd)
     finally:
         for sig, h in old_handlers.items():
@@ -427,7 +453,6 @@ def _start(s: _Serving) -> None:
     protections = protect_process() if cfg["protect"] else {}
     log.debug("daemon protections: %s", protections)
     sock = os.path.abspath(cfg.socket)
-    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
     argv = server.nbdkit_argv(
         runconf=s.prepared.runconf_path, socket=sock, nbdkit=str(cfg["nbdkit"]),
         # nbdkit --swap only when asked for (mlock = all): the plugin's on-fault lock costs
@@ -470,8 +495,7 @@ def _finish(s: _Serving) -> None:
     for name in ("state.json", "runconf.json"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(s.cfg.run_dir, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.abspath(s.cfg.socket))
+    remove_if_stale(os.path.abspath(s.cfg.socket))
 
 
 def _status_line(s: _Serving) -> str:
@@ -573,9 +597,16 @@ def read_status(run_dir: str) -> dict[str, Any]:
                               f"`kdumpd stop --run-dir {run_dir}` cleans up)")
     age = time.time() - float(st.get("time", 0) or 0)
     integ = st.get("integrity", {})
+    # The pids alone do not prove it serves: the socket could have been removed or taken.
+    sock = state.get("socket")
+    sock_ok = bool(sock) and nbdkit_up and answers(str(sock))
+    state_name = st.get("state", "starting")
+    if state_name == "serving" and not sock_ok:
+        state_name = "not answering on its socket"
     return {
-        "running": daemon_up and nbdkit_up and st.get("state") == "serving",
-        "state": st.get("state", "starting"),
+        "running": daemon_up and nbdkit_up and st.get("state") == "serving" and sock_ok,
+        "state": state_name,
+        "socket_answers": sock_ok,
         "status_age_s": round(age, 1),
         "daemon_pid": state.get("daemon_pid"),
         "nbdkit_pid": state.get("nbdkit_pid"),
@@ -605,6 +636,22 @@ def read_status(run_dir: str) -> dict[str, Any]:
         "locked_bytes": st.get("locked_bytes", 0),
         "protections": st.get("protections", {}),
     }
+
+
+def _remove_dead_pidfile(run_dir: str) -> None:
+    """Remove kdumpd.pid if no process holds its lock (the daemon that wrote it is gone)."""
+    path = os.path.join(run_dir, "kdumpd.pid")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)  # locked by us: nobody serves from here
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def stop(run_dir: str, timeout: float = 600.0) -> str:
@@ -644,8 +691,8 @@ def stop(run_dir: str, timeout: float = 600.0) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(run_dir, name))
     if state.get("socket"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(state["socket"])
+        remove_if_stale(str(state["socket"]))
+    _remove_dead_pidfile(run_dir)
     if errors:
         raise ServeError("stale kdumpd cleaned up with errors: " + "; ".join(errors))
     return f"cleaned up after kdumpd (pid {pid}), which had died"
@@ -656,13 +703,23 @@ def load_serve_config(
     flags: dict[str, str],
     *,
     config_path: str | None = None,
-    cmdline_path: str = "/proc/cmdline",
+    cmdline_path: str | None = None,
 ) -> Config:
     """The configuration for serve/status/stop: defaults < config file < kernel command line <
-    flags. An explicit ``config_path`` must exist; the default one may be absent."""
+    flags. An explicit ``config_path`` or ``cmdline_path`` must exist and be readable (a file
+    the user named that is missing is a mistake, not "no settings"); the defaults
+    (/etc/kdumpd.conf, /proc/cmdline) may be absent."""
+    cmdline: str | None = None
+    if cmdline_path is not None:
+        try:
+            with open(cmdline_path, "rb") as fh:
+                cmdline = fh.read().decode("utf-8", "replace").replace("\0", " ")
+        except OSError as exc:
+            raise ConfigError(f"kernel command line file {cmdline_path}: "
+                              f"{exc.strerror}") from None
     return load_config(
         flags,
         path=config_path or DEFAULT_CONFIG_PATH,
         path_required=config_path is not None,
-        cmdline_path=cmdline_path,
+        cmdline=cmdline,
     )

@@ -26,9 +26,7 @@ from kdumpd.vmcore.core import Vmcore
 from kdumpd.xlat import Translator, make_translator
 from kdumpd.xlat.vmem import VirtMem
 
-__all__ = [
-    "Plan", "make_plan", "read_crash_log", "read_extents_file", "write_extents_file",
-]
+__all__ = ["Plan", "make_plan", "read_crash_log"]
 
 log = logging.getLogger(__name__)
 
@@ -282,26 +280,3 @@ def _count_zero(vm: Vmcore, start_pfn: int, end_pfn: int, classes: bytearray) ->
                 zeros += 1
     return zeros
 
-
-def write_extents_file(path: str, extents: tuple[Extent, ...] | list[Extent]) -> None:
-    """One ``start end`` pair per line, hex pfns, half-open, sorted and coalesced."""
-    with open(path, "w", encoding="ascii") as fh:
-        for ext in extents:
-            fh.write(f"{ext.start_pfn:#x} {ext.end_pfn:#x}\n")
-
-
-def read_extents_file(path: str) -> list[Extent]:
-    """Parse an extents file written by ``write_extents_file``; rejects unsorted input."""
-    out: list[Extent] = []
-    with open(path, encoding="ascii") as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'start end'")
-            ext = Extent(int(parts[0], 16), int(parts[1], 16))
-            if out and ext.start_pfn <= out[-1].end_pfn:
-                raise ValueError(f"{path}:{lineno}: extents not sorted and coalesced")
-            out.append(ext)
-    return out

@@ -60,7 +60,8 @@ def host_facts_here(vmcore: Path) -> HostFacts | None:
     try:
         return parse_host_facts(iomem, cmdline, nfit_tables=tables)
     except ValueError as exc:
-        raise RefusedError(f"rule 4 (persistent memory) cannot be checked: {exc}") from None
+        raise RefusedError(f"rules 4 and 8 (persistent memory, the capture kernel's own RAM) "
+                           f"cannot be checked: {exc}") from None
 
 
 def gated_plan(

@@ -112,11 +112,15 @@ def test_page_tables_that_do_not_resolve(tmp_path: Path,
     assert "not present" in _one_line(err)
 
 
-def test_debug_shows_traceback(tmp_path: Path) -> None:
+def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--debug adds the traceback and nothing else: the exit code is the class's, before or
+    after the subcommand."""
     bad = tmp_path / "n"
     bad.write_bytes(b"\x7fELF" + b"\0" * 60)
-    with pytest.raises(KdumpdError):
-        main(["--debug", "survey", str(bad)])
+    for argv in (["--debug", "survey", str(bad)], ["survey", str(bad), "--debug"]):
+        assert main(argv) == VmcoreError.exit_code
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.rstrip().endswith("Invalid EI_CLASS b'\\x00'"), err
 
 
 def test_bad_dump_level(good: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from tests.synth.builder import Machine, template
 
 from kdumpd.cli import main
 from kdumpd.errors import RefusedError
-from kdumpd.plan import read_extents_file
+from kdumpd.extentsfile import read_extents_file
 
 
 @pytest.fixture(scope="module")

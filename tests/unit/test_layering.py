@@ -16,6 +16,7 @@ ALLOWED: dict[str, set[str]] = {
     "mm": {"errors", "units", "vmcore", "xlat", "mm"},
     "crash": {"errors", "units", "vmcore", "xlat", "crash"},
     "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
+    "extentsfile": {"errors", "units"},
     "safety": {"errors", "units", "vmcore", "mm", "crash", "safety"},
     "safeplan": {"errors", "units", "vmcore", "mm", "crash", "safety", "plan"},
     "cmdline": set(),

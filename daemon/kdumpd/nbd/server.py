@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from kdumpd.errors import ServeError
 from kdumpd.nbd.runconf import read_json
+from kdumpd.nbd.sockpath import check_socket_path, remove_if_stale
 
 __all__ = [
     "PLUGIN_PATH",
@@ -133,11 +134,15 @@ class Nbdkit:
     def start(self, timeout: float = 60.0) -> int:
         """Start nbdkit and wait until the plugin reports ``serving`` and the socket exists;
         return nbdkit's pid. A startup failure re-raises the plugin's error class."""
-        for path in (self.status_path, self.error_path, self.socket):
+        for path in (self.status_path, self.error_path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        # Never replace anything but a stale socket (checked again: time passed since serve
+        # checked before planning).
+        check_socket_path(self.socket)
+        remove_if_stale(self.socket)
         log.info("starting %s", " ".join(self.argv))
         try:
             self.proc = subprocess.Popen(self.argv, env=nbdkit_env(), umask=0o077,

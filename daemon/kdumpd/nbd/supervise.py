@@ -28,6 +28,7 @@ from kdumpd.errors import KdumpdError, ServeError
 from kdumpd.journal import notify, setup_logging
 from kdumpd.nbd import server
 from kdumpd.nbd.runconf import atomic_write_json, read_json
+from kdumpd.nbd.sockpath import remove_if_stale
 
 __all__ = ["SIGNALS", "exec_argv", "finish_report", "main", "plugin_status", "status_line",
            "teardown", "write_report_files"]
@@ -179,8 +180,7 @@ def _cleanup_files(run_dir: str, state: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(run_dir, name))
     if state.get("socket"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(str(state["socket"]))
+        remove_if_stale(str(state["socket"]))  # never a socket another server answers on
 
 
 def main(argv: list[str]) -> int:
@@ -232,6 +232,9 @@ def main(argv: list[str]) -> int:
         rc = rc or ServeError.exit_code
     if failure:
         print(f"kdumpd: ServeError: {failure}", file=sys.stderr)
+    # The pid file goes while its lock is still held: a clean stop leaves no dead pid behind.
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(run_dir, "kdumpd.pid"))
     with contextlib.suppress(OSError):
         os.close(lock_fd)
     return rc

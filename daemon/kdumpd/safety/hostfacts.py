@@ -87,14 +87,18 @@ def parse_nfit(table: bytes) -> list[ForbiddenRange]:
 def parse_host_facts(
     iomem: str, cmdline: str, source: str = "/proc", nfit_tables: Sequence[bytes] = ()
 ) -> HostFacts:
-    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT."""
+    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT.
+    An iomem line that is not ``start-end : name`` raises ValueError (the caller refuses)."""
     out: list[ForbiddenRange] = []
     for table in nfit_tables:
         out.extend(parse_nfit(table))
-    for line in iomem.splitlines():
+    for lineno, line in enumerate(iomem.splitlines(), 1):
         m = _LINE.match(line)
         if not m:
-            continue
+            if not line.strip():
+                continue
+            # Not /proc/iomem: guessing would plan over memory the capture kernel owns.
+            raise ValueError(f"iomem line {lineno} is not 'start-end : name': {line[:60]!r}")
         depth = len(m.group(1)) // 2
         start, end, name = int(m.group(2), 16), int(m.group(3), 16) + 1, m.group(4).strip()
         if start == 0 and end == 1:
