@@ -12,7 +12,8 @@ Per block (dense ``array.array`` tables, indexed by block number)::
 
 Why ``array`` and not numpy: the store runs in the kdump kernel's ~100 MiB, where importing
 numpy alone costs ~22 MiB per process; the hot loops are in C (the fast path, the batch
-checksums) or are per request, and the whole-table scans use byte searches (:meth:`written`).
+checksums) or are per request, and the whole-table scans are memcmps of the group table's bytes
+against all-ones (:meth:`SlotTable.written`), as fast as numpy's comparisons were.
 The tables are created at their final size and never resized (the C fast path keeps their
 addresses; an ``array`` refuses to resize while a buffer is exported, which backs that up).
 
@@ -30,7 +31,6 @@ readers and the scrubber, so no reader can see a half-updated block.
 from __future__ import annotations
 
 import errno
-import re
 from array import array
 
 from kdumpd.errors import BackendError
@@ -42,9 +42,12 @@ UNWRITTEN = 0xFFFF_FFFF
 BYTES_PER_BLOCK = 4 + 8
 BYTES_PER_GROUP = 4
 
-# A written block's group entry has a byte other than 0xff (UNWRITTEN is all ones): the regex
-# engine finds the first one at C speed, which makes scanning for written blocks a byte search.
-_NOT_FF = re.compile(rb"[^\xff]")
+# Scans compare the group table's bytes with all-ones (UNWRITTEN) bytes: a window of them with
+# one memcmp (``bytes.startswith`` takes a memoryview, so nothing is copied), then halves of the
+# first window that differs. A 1 GiB device's table is 1 MiB: ~16 memcmps of 64 KiB.
+_WINDOW = 1 << 14  # blocks per memcmp
+_ALL_ONES = b"\xff" * (_WINDOW << 2)
+_UNWRITTEN_BYTES = b"\xff" * 4
 _CLEAR_ROWS = 1024  # blocks reset per slice assignment when freeing a range
 # The C fast path reads the tables as uint32_t and uint64_t.
 if array("I").itemsize != 4 or array("Q").itemsize != 8:
@@ -152,8 +155,19 @@ class SlotTable:
 
     def written(self, b0: int, b1: int) -> int:
         """The first written block in ``[b0, b1)``, or ``b1`` if there is none."""
-        m = _NOT_FF.search(self._group_bytes, b0 << 2, b1 << 2)
-        return b1 if m is None else m.start() >> 2
+        raw, ones = self._group_bytes, _ALL_ONES
+        while b0 < b1:
+            end = min(b0 + _WINDOW, b1)
+            if not ones.startswith(raw[b0 << 2 : end << 2]):
+                while end - b0 > 1:  # [b0, end) holds a written block; b0 may be it
+                    mid = (b0 + end) >> 1
+                    if ones.startswith(raw[b0 << 2 : mid << 2]):
+                        b0 = mid
+                    else:
+                        end = mid
+                return b0
+            b0 = end
+        return b1
 
     def unmap(self, b0: int, b1: int) -> list[int]:
         """Mark blocks ``[b0, b1)`` unwritten (checksum of zeros); return the groups they
@@ -163,7 +177,10 @@ class SlotTable:
         b = self.written(b0, b1)
         while b < b1:
             end = min(b + _CLEAR_ROWS, b1)
-            freed += [g for g in groups[b:end] if g != UNWRITTEN]
+            if _UNWRITTEN_BYTES in self._group_bytes[b << 2 : end << 2].tobytes():
+                freed += [g for g in groups[b:end] if g != UNWRITTEN]  # mixed (or odd bytes)
+            else:
+                freed += groups[b:end].tolist()  # all written: no per-block Python
             self._group_view[b:end] = self._clear_groups[: end - b]
             self._sum_view[b:end] = self._clear_sums[: end - b]
             b = self.written(end, b1)
