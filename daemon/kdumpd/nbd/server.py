@@ -110,7 +110,7 @@ def nbdkit_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     # The embedded interpreter is Debian's libpython (prefix /usr): a venv's or pyenv's
     # variables would point it at the wrong standard library and site-packages. An embedded
     # CPython also finds its prefix by looking for "python3" on PATH, so a pyenv or venv
-    # python3 first on PATH gives it that installation's sys.path (no Debian numpy): put the
+    # python3 first on PATH gives it that installation's sys.path (no Debian xxhash): put the
     # system directories first.
     for var in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "VIRTUAL_ENV"):
         env.pop(var, None)
