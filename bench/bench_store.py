@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def bench_checksums(seconds: float, sums: BlockSums | None) -> None:
         print(f"{name:<28}{r4 / 1e9:>10.1f}{r1 / 1e9:>10.1f}")
     mv = memoryview(big)
     for ks in ([PyBlockSums()] + ([sums] if sums else [])):
-        expected = np.array(ks.checksums(mv), dtype=np.uint64)
+        expected = memoryview(array("Q", ks.checksums(mv)))  # as the store passes its table
         r = timed(lambda ks=ks, e=expected: (ks.first_bad(mv, e), len(big))[1], seconds / 4)
         print(f"{'verify 256 blocks, ' + ks.name:<28}{'':>10}{r / 1e9:>10.1f}")
 

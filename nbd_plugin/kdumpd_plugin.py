@@ -62,7 +62,7 @@ def _record_error(exc: BaseException) -> None:
 def _import_kdumpd(pkgdir: str) -> None:
     """Import ``kdumpd`` from ``pkgdir`` (the directory holding the package), whatever is on
     this interpreter's path. The directory is removed from sys.path once the package is
-    imported: submodules resolve through the package itself, and numpy, xxhash and the rest
+    imported: submodules resolve through the package itself, and xxhash, cffi and the rest
     keep coming from this interpreter's own (Debian's) site-packages."""
     pkgdir = os.path.abspath(pkgdir)
     if not os.path.isfile(os.path.join(pkgdir, "kdumpd", "__init__.py")):

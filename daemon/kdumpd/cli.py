@@ -130,11 +130,8 @@ def _asked_level(args: argparse.Namespace) -> int | None:
 
 @contextlib.contextmanager
 def _vmcore(path: str) -> Iterator[Vmcore]:
-    """open_vmcore, with every error naming the file (the reader's messages say what is wrong
-    in the file, not which file) and an empty file called empty."""
-    with contextlib.suppress(OSError):
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise VmcoreError(f"{path}: empty file (not a vmcore)")
+    """open_vmcore, with every error naming the file (the ELF reader names it and calls an
+    empty file empty; the layers above say what is wrong, not in which file)."""
     try:
         with open_vmcore(path) as vm:
             yield vm

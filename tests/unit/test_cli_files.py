@@ -333,7 +333,8 @@ def test_readme_synopsis_brackets_optional_flags() -> None:
     assert "--extents FILE|-" in block
 
 
-@pytest.mark.parametrize("content,text", [(b"", "empty file"), (b"hello\n" * 20, "not an ELF")])
+@pytest.mark.parametrize("content,text",
+                         [(b"", "the file is empty"), (b"hello\n" * 20, "not an ELF")])
 @pytest.mark.parametrize("command", ["survey", "dmesg"])
 def test_a_file_that_is_no_vmcore_is_named(tmp_path: Path, content: bytes, text: str,
                                            command: str,

@@ -26,10 +26,10 @@ from tests.unit.test_store_support import (
 from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
 from kdumpd.oldmem.base import Guarded
 from kdumpd.store.blockstore import BlockCheck, BlockStore
-from kdumpd.store.blocksum import PyBlockSums
+from kdumpd.store.blocksum import ZERO_CHECKSUM, PyBlockSums
 from kdumpd.store.mutex import YieldingMutex
 from kdumpd.store.placement import Placement
-from kdumpd.store.slot import BYTES_PER_BLOCK, SlotTable
+from kdumpd.store.slot import BYTES_PER_BLOCK, UNWRITTEN, SlotTable
 from kdumpd.units import PAGE_SIZE
 
 BS = PAGE_SIZE
@@ -411,6 +411,26 @@ def test_slot_table_hands_out_freed_groups_first_then_fresh() -> None:
     assert t.allocate(6, use_spares=True) == [4, 5, 6, 7, 8, 9]
     with pytest.raises(ValueError):
         SlotTable(8, 2, spare_groups=2)
+
+
+
+def test_slot_table_scans_and_unmaps_by_bytes_at_block_granularity() -> None:
+    """Group numbers with 0xff bytes in every position: the byte search must still land on
+    the block holding them, and unmapping must free exactly the written blocks in order."""
+    t = SlotTable(5000, 16, spare_groups=0)
+    odd = {7: 0xFFFFFF00, 1030: 0x00FFFFFF, 1031: 0xFF00FFFF, 2047: 0, 4999: 0xFFFFFFFE}
+    for block, group in odd.items():
+        t.groups[block] = group
+        t.checksums[block] = block
+    assert t.written(0, 5000) == 7 and t.written(8, 5000) == 1030
+    assert t.written(1032, 2047) == 2047 and t.written(2048, 4999) == 4999
+    assert t.written(0, 7) == 7 and t.written(4999, 5000) == 4999 and t.written(5000, 5000) == 5000
+    assert t.unmap(8, 4999) == [0x00FFFFFF, 0xFF00FFFF, 0]
+    assert [t.groups[b] for b in (7, 1030, 1031, 2047, 4999)] == [
+        0xFFFFFF00, UNWRITTEN, UNWRITTEN, UNWRITTEN, 0xFFFFFFFE]
+    assert t.checksums[1030] == ZERO_CHECKSUM and t.checksums[7] == 7
+    assert t.unmap(0, 5000) == [0xFFFFFF00, 0xFFFFFFFE] and t.written(0, 5000) == 5000
+    assert t.nbytes() == 5000 * BYTES_PER_BLOCK
 
 
 def test_yielding_mutex_excludes_under_forced_gil_switches() -> None:

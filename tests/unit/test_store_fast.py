@@ -3,10 +3,13 @@ paths agree under threads and corruption. Needs the cffi kernels (gcc, libxxhash
 
 from __future__ import annotations
 
+import ctypes
 import random
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
-import numpy as np
 import pytest
 from tests.conftest import require
 from tests.unit.test_store_support import block_data, cffi_block_sums, make_store
@@ -187,7 +190,7 @@ def test_devmem_pins_extents_within_its_budget(tmp_path, monkeypatch) -> None:
         m.setattr(devmem_mod.mmap, "mmap", refuse)
         with pytest.raises(BackendError, match=r"cannot map \[0x2000000.*not permitted"):
             mem.stable_view(0x2000000, 0x1000)
-    held = np.frombuffer(first, dtype=np.uint8)  # an export, as the fast path's cffi buffer
+    held = (ctypes.c_char * 4).from_buffer(first)  # an export, as the fast path's cffi buffer
     with pytest.raises(BackendError, match="close the store first"):
         mem.close()
     del held
@@ -268,3 +271,13 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
     assert reads > 0 and writes > 0
     store.close()
     image.close()
+
+
+def test_blocksum_c_compiles_on_its_own_without_warnings(tmp_path: Path) -> None:
+    """The store's C kernels are a plain C file: gcc checks it alone, warnings as errors."""
+    src = Path(__file__).resolve().parents[2] / "daemon" / "kdumpd" / "store" / "blocksum.c"
+    require(shutil.which("gcc") is not None and Path("/usr/include/xxhash.h").exists(),
+            "gcc or xxhash.h missing")
+    r = subprocess.run(["gcc", "-fsyntax-only", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+                        "-Wno-unused-function", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

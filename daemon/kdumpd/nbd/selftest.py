@@ -6,7 +6,7 @@ checksum kernels agree, writes read back (aligned and not), a damaged copy is re
 with every copy damaged fails instead of returning wrong bytes, trim and write-zeroes read as
 zeros, the scrubber's verify repairs, the guard refuses writes outside the grant, and a full
 pool says ENOSPC. It catches a broken build or environment (a checksum module built for another
-interpreter, a numpy that behaves differently) before anything real happens.
+interpreter, an xxhash that behaves differently) before anything real happens.
 
 ``kdumpd serve`` runs it in the daemon and again inside nbdkit's embedded interpreter.
 """

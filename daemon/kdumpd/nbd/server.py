@@ -6,8 +6,7 @@ of stderr.
 
 nbdkit runs in the foreground as the daemon's child, listening only on a Unix socket (created
 under umask 077, so mode 0600; never TCP), with the parallel thread model (the plugin declares
-it), ``--swap`` (mlockall) when the device will carry swap or a filesystem, and
-``OPENBLAS_NUM_THREADS=1`` so numpy's BLAS spawns no threads (and locks no per-thread buffers).
+it), and ``--swap`` (mlockall) only when asked (the plugin locks its own pages on fault).
 """
 
 from __future__ import annotations
@@ -105,13 +104,11 @@ def nbdkit_argv(
 
 def nbdkit_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
     env.setdefault("MALLOC_ARENA_MAX", "2")  # nbdkit's worker threads; keep the heap small
     # The embedded interpreter is Debian's libpython (prefix /usr): a venv's or pyenv's
     # variables would point it at the wrong standard library and site-packages. An embedded
     # CPython also finds its prefix by looking for "python3" on PATH, so a pyenv or venv
-    # python3 first on PATH gives it that installation's sys.path (no Debian numpy): put the
+    # python3 first on PATH gives it that installation's sys.path (no Debian xxhash): put the
     # system directories first.
     for var in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "VIRTUAL_ENV"):
         env.pop(var, None)

@@ -31,8 +31,6 @@ import enum
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-
 from kdumpd.errors import ConfigError, RefusedError
 from kdumpd.oldmem.base import BytesLike, Guarded, OldMem
 from kdumpd.store.blocksum import (
@@ -331,12 +329,12 @@ class BlockStore:
                 return BlockCheck.CLEAN
         with self._lock:
             t = self._t
-            group = t.groups.item(block)
+            group = t.groups[block]
             if group == UNWRITTEN:
                 return BlockCheck.UNWRITTEN
             if block in t.lost:
                 return BlockCheck.LOST
-            expected = t.checksums.item(block)
+            expected = t.checksums[block]
             good: memoryview | None = None
             bad: list[int] = []
             for c in range(self._n):
@@ -362,19 +360,20 @@ class BlockStore:
         if self._fast is not None:
             b = self._fast.next_written(block)
             return b if b < self.nblocks else None
-        groups = self._t.groups
+        t = self._t
         while block < self.nblocks:
+            end = min(block + _SCAN_CHUNK, self.nblocks)
             with self._lock:
-                nz = np.flatnonzero(groups[block : block + _SCAN_CHUNK] != UNWRITTEN)
-            if nz.size:
-                return block + int(nz[0])
-            block += _SCAN_CHUNK
+                found = t.written(block, end)
+            if found < end:
+                return found
+            block = end
         return None
 
     def locate(self, block: int) -> tuple[int, ...] | None:
         """Physical addresses of the copies of ``block`` (copy 0 first); None if unwritten."""
         with self._lock:
-            group = self._t.groups.item(block)
+            group = self._t.groups[block]
             return None if group == UNWRITTEN else self._p.group_paddrs(group)
 
     def stats(self) -> StoreStats:
@@ -419,12 +418,12 @@ class BlockStore:
         n = mv.nbytes >> _SHIFT
         self._blocks_read += n
         if n == 1:
-            group = t.groups.item(b0)
+            group = t.groups[b0]
             if group == UNWRITTEN:
                 mv[:] = ZERO_BLOCK
                 return
             mem.preadinto(p.slot_paddr(0, group), mv)
-            if checksum(mv) != t.checksums.item(b0):
+            if checksum(mv) != t.checksums[b0]:
                 self._fixer.recover(b0, group, mv)
             return
         groups = t.groups[b0 : b0 + n].tolist()
@@ -439,7 +438,7 @@ class BlockStore:
                 mem.preadinto(paddr, mv[pos:end])
                 pos = end
         # Unwritten blocks hold zeros and carry the checksum of zeros: one batch checks all.
-        expected = t.checksums[b0 : b0 + n]
+        expected = t.sums_view(b0, b0 + n)
         k = self._sums.first_bad(mv, expected)
         while k < n:
             self._fixer.recover(b0 + k, groups[k], mv[k << _SHIFT : (k + 1) << _SHIFT])
@@ -469,7 +468,7 @@ class BlockStore:
             if csum == ZERO_CHECKSUM and _is_zero(mv):
                 self._free_blocks(b0, b0 + 1)
                 return
-            group = t.groups.item(b0)
+            group = t.groups[b0]
             if group == UNWRITTEN:
                 group = t.allocate(1)[0]
                 t.groups[b0] = group
@@ -494,8 +493,7 @@ class BlockStore:
         if fresh:
             for k, group in zip(fresh, t.allocate(len(fresh)), strict=True):
                 groups[k] = group
-        t.groups[b0 : b0 + n] = groups
-        t.checksums[b0 : b0 + n] = sums
+        t.set_run(b0, groups, sums)
         t.used_blocks += len(fresh) - len(freed)
         if freed:
             t.release(freed)
@@ -515,12 +513,8 @@ class BlockStore:
     def _free_blocks(self, b0: int, b1: int) -> None:
         # Unmap whole blocks [b0, b1); their groups go back to be reused in the same order.
         t = self._t
-        groups = t.groups[b0:b1]
-        written = groups != UNWRITTEN
-        if written.any():
-            freed = groups[written].tolist()
-            groups[written] = UNWRITTEN
-            t.checksums[b0:b1][written] = ZERO_CHECKSUM
+        freed = t.unmap(b0, b1)
+        if freed:
             t.used_blocks -= len(freed)
             t.release(freed)
         if t.lost:

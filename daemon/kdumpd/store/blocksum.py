@@ -24,8 +24,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
-import numpy as np
-import numpy.typing as npt
 import xxhash
 
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE
@@ -55,9 +53,9 @@ class BlockSums(Protocol):
 
     name: str
 
-    def first_bad(self, buf: memoryview, expected: npt.NDArray[np.uint64]) -> int:
+    def first_bad(self, buf: memoryview, expected: memoryview) -> int:
         """Index of the first block of ``buf`` whose checksum differs from ``expected``
-        (one entry per block), or the block count if all match."""
+        (a ``'Q'`` memoryview, one entry per block), or the block count if all match."""
         ...
 
     def checksums(self, buf: memoryview) -> list[int]:
@@ -70,7 +68,7 @@ class PyBlockSums:
 
     name = "python"
 
-    def first_bad(self, buf: memoryview, expected: npt.NDArray[np.uint64]) -> int:
+    def first_bad(self, buf: memoryview, expected: memoryview) -> int:
         for k, want in enumerate(expected.tolist()):
             if checksum(buf[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]) != want:
                 return k
@@ -96,7 +94,7 @@ class CffiBlockSums:
         if self.checksums(memoryview(probe)) != PyBlockSums().checksums(memoryview(probe)):
             raise ImportError("kdumpd.store._blocksum disagrees with python-xxhash")
 
-    def first_bad(self, buf: memoryview, expected: npt.NDArray[np.uint64]) -> int:
+    def first_bad(self, buf: memoryview, expected: memoryview) -> int:
         n = len(expected)
         if buf.nbytes < n << PAGE_SHIFT:
             raise ValueError("buffer shorter than the checksums given")
@@ -109,12 +107,10 @@ class CffiBlockSums:
 
     def checksums(self, buf: memoryview) -> list[int]:
         n = buf.nbytes >> PAGE_SHIFT
-        out = np.empty(n, dtype=np.uint64)
         ffi = self.ffi
-        self.lib.kdumpd_checksums(
-            ffi.from_buffer(buf), n, ffi.from_buffer("uint64_t[]", out, require_writable=True)
-        )
-        result: list[int] = out.tolist()
+        out = ffi.new("uint64_t[]", n)
+        self.lib.kdumpd_checksums(ffi.from_buffer(buf), n, out)
+        result: list[int] = ffi.unpack(out, n)
         return result
 
 

@@ -18,18 +18,17 @@ Python path does it, so there is one implementation of each rule.
 Preconditions, checked here: the cffi kernels include the fast path, and the backend hands out
 *stable* views (``stable_view``, valid until the backend closes) of the placement's extents.
 The views are checked against the guard (:class:`~kdumpd.oldmem.base.Guarded`) like any access.
-The store's tables are numpy arrays that are updated in place and never replaced, so the C
-side may keep their addresses.
+The store's tables (:class:`~kdumpd.store.slot.SlotTable`: ``array('I')`` and ``array('Q')``)
+are updated in place and never replaced or resized, so the C side may keep their addresses;
+the cffi buffers taken here are exports that would make any resize raise instead.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from array import array
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from kdumpd.oldmem.base import Guarded
 from kdumpd.store.blocksum import ZERO_CHECKSUM, BlockSums, CffiBlockSums
@@ -90,24 +89,22 @@ class FastPath:
                  table: SlotTable) -> None:
         ffi, lib = sums.ffi, sums.lib
         self._ffi, self._lib = ffi, lib
-        cum = np.asarray(placement.pool_offsets(), dtype=np.uint64)
+        cum = array("Q", placement.pool_offsets())
         ptrs = [ffi.from_buffer(v, require_writable=True) if v is not None else ffi.NULL
                 for v in views]
         base = ffi.new("unsigned char *[]", [ffi.cast("unsigned char *", p) for p in ptrs])
-        groups: npt.NDArray[np.uint32] = table.groups
-        sums_arr: npt.NDArray[np.uint64] = table.checksums
-        # The cffi buffers keep the views (and so the mappings) exported until close().
-        self._keep: list[Any] = [ptrs, base, cum]
+        groups = ffi.from_buffer("uint32_t[]", table.groups, require_writable=True)
+        sums_arr = ffi.from_buffer("uint64_t[]", table.checksums, require_writable=True)
+        # The cffi buffers keep the views (and so the mappings) and the tables exported until
+        # close(): the tables cannot be resized under the C side.
+        self._keep: list[Any] = [ptrs, base, cum, groups, sums_arr]
         handle = lib.kdumpd_fast_new(
             placement.ngroups, placement.copies, len(views),
-            ffi.from_buffer("uint64_t[]", cum), base,
-            ffi.from_buffer("uint32_t[]", groups, require_writable=True),
-            ffi.from_buffer("uint64_t[]", sums_arr, require_writable=True),
-            len(groups), ZERO_CHECKSUM,
+            ffi.from_buffer("uint64_t[]", cum), base, groups, sums_arr,
+            len(table.groups), ZERO_CHECKSUM,
         )
         if handle == ffi.NULL:
             raise MemoryError("kdumpd_fast_new")
-        self._keep += [groups, sums_arr]
         self.handle = handle
         # A store dropped without close() still frees the C side and releases the views.
         self._free = weakref.finalize(self, _free, lib, handle, ffi, ptrs)

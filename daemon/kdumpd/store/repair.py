@@ -99,7 +99,7 @@ class Repairer:
         repair the bad ones, or raise IntegrityError if no copy is good."""
         if block in self._t.lost:  # known lost: no copy can have come back
             raise self.lost_error(block)
-        expected = self._t.checksums.item(block)
+        expected = self._t.checksums[block]
         self.note_bad(block, 0, group)
         bad = [0]
         for c in range(1, self._n):

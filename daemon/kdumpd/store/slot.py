@@ -3,12 +3,19 @@
 Everything lives in the daemon's memory; nothing is written to old memory but block data, so
 a device scribbling on old memory can damage data (which checksums catch) but never the map.
 
-Per block (dense numpy arrays, indexed by block number)::
+Per block (dense ``array.array`` tables, indexed by block number)::
 
     groups[block]     uint32   group holding the block's copies; 0xffffffff = unwritten (zeros)
     checksums[block]  uint64   xxh3-64 of the block's 4096 bytes (of 4096 zeros if unwritten)
                       ------
                       12 bytes per 4 KiB block = 0.29 % of the device size
+
+Why ``array`` and not numpy: the store runs in the kdump kernel's ~100 MiB, where importing
+numpy alone costs ~22 MiB per process; the hot loops are in C (the fast path, the batch
+checksums) or are per request, and the whole-table scans are memcmps of the group table's bytes
+against all-ones (:meth:`SlotTable.written`), as fast as numpy's comparisons were.
+The tables are created at their final size and never resized (the C fast path keeps their
+addresses; an ``array`` refuses to resize while a buffer is exported, which backs that up).
 
 Free groups: a high-water mark (groups at or above it were never handed out) and an
 ``array('I')`` stack of groups given back by trim or zero writes: 4 bytes per *freed* group,
@@ -26,9 +33,6 @@ from __future__ import annotations
 import errno
 from array import array
 
-import numpy as np
-import numpy.typing as npt
-
 from kdumpd.errors import BackendError
 from kdumpd.store.blocksum import ZERO_CHECKSUM
 
@@ -37,6 +41,17 @@ __all__ = ["BYTES_PER_BLOCK", "BYTES_PER_GROUP", "UNWRITTEN", "SlotTable"]
 UNWRITTEN = 0xFFFF_FFFF
 BYTES_PER_BLOCK = 4 + 8
 BYTES_PER_GROUP = 4
+
+# Scans compare the group table's bytes with all-ones (UNWRITTEN) bytes: a window of them with
+# one memcmp (``bytes.startswith`` takes a memoryview, so nothing is copied), then halves of the
+# first window that differs. A 1 GiB device's table is 1 MiB: ~16 memcmps of 64 KiB.
+_WINDOW = 1 << 14  # blocks per memcmp
+_ALL_ONES = b"\xff" * (_WINDOW << 2)
+_UNWRITTEN_BYTES = b"\xff" * 4
+_CLEAR_ROWS = 1024  # blocks reset per slice assignment when freeing a range
+# The C fast path reads the tables as uint32_t and uint64_t.
+if array("I").itemsize != 4 or array("Q").itemsize != 8:
+    raise ImportError("kdumpd.store needs array('I') and array('Q') of 4 and 8 bytes")
 
 
 class SlotTable:
@@ -48,8 +63,13 @@ class SlotTable:
     """
 
     __slots__ = (
+        "_clear_groups",
+        "_clear_sums",
         "_free",
+        "_group_bytes",
+        "_group_view",
         "_next",
+        "_sum_view",
         "checksums",
         "failures",
         "groups",
@@ -63,10 +83,18 @@ class SlotTable:
     def __init__(self, nblocks: int, ngroups: int, *, spare_groups: int) -> None:
         if not 0 <= spare_groups < ngroups:
             raise ValueError(f"spare groups {spare_groups} must be below {ngroups} groups")
-        self.groups: npt.NDArray[np.uint32] = np.full(nblocks, UNWRITTEN, dtype=np.uint32)
+        # Built by repetition: one allocation of the final size, no temporary list.
+        self.groups = array("I", (UNWRITTEN,)) * nblocks
         # An unwritten block reads as zeros, so it carries the checksum of zeros: a request's
         # checksums then verify in one batch, zero-filled blocks included.
-        self.checksums: npt.NDArray[np.uint64] = np.full(nblocks, ZERO_CHECKSUM, dtype=np.uint64)
+        self.checksums = array("Q", (ZERO_CHECKSUM,)) * nblocks
+        # Typed views for slice assignment and zero-copy slices (memoryview slices share the
+        # memory; array slices copy), and the raw bytes of the groups for the byte search.
+        self._group_view = memoryview(self.groups)
+        self._sum_view = memoryview(self.checksums)
+        self._group_bytes = self._group_view.cast("B")
+        self._clear_groups = memoryview(array("I", (UNWRITTEN,)) * _CLEAR_ROWS)
+        self._clear_sums = memoryview(array("Q", (ZERO_CHECKSUM,)) * _CLEAR_ROWS)
         self._free = array("I")  # freed groups, top of stack handed out first
         self._next = 0  # groups >= _next were never handed out
         self.ngroups = ngroups
@@ -114,6 +142,51 @@ class SlotTable:
         """Never hand ``group`` out again (it holds a quarantined slot)."""
         self.retired.add(group)
 
+    def sums_view(self, b0: int, b1: int) -> memoryview:
+        """The checksums of blocks ``[b0, b1)`` as a ``'Q'`` memoryview sharing the table's
+        memory (no copy; valid while the lock is held)."""
+        return self._sum_view[b0:b1]
+
+    def set_run(self, b0: int, groups: list[int], sums: list[int]) -> None:
+        """Store the groups and checksums of blocks ``b0, b0 + 1, ...`` (one memcpy each)."""
+        b1 = b0 + len(groups)
+        self._group_view[b0:b1] = array("I", groups)
+        self._sum_view[b0:b1] = array("Q", sums)
+
+    def written(self, b0: int, b1: int) -> int:
+        """The first written block in ``[b0, b1)``, or ``b1`` if there is none."""
+        raw, ones = self._group_bytes, _ALL_ONES
+        while b0 < b1:
+            end = min(b0 + _WINDOW, b1)
+            if not ones.startswith(raw[b0 << 2 : end << 2]):
+                while end - b0 > 1:  # [b0, end) holds a written block; b0 may be it
+                    mid = (b0 + end) >> 1
+                    if ones.startswith(raw[b0 << 2 : mid << 2]):
+                        b0 = mid
+                    else:
+                        end = mid
+                return b0
+            b0 = end
+        return b1
+
+    def unmap(self, b0: int, b1: int) -> list[int]:
+        """Mark blocks ``[b0, b1)`` unwritten (checksum of zeros); return the groups they
+        held, in block order. Unwritten stretches cost a byte search, not a Python loop."""
+        groups = self.groups
+        freed: list[int] = []
+        b = self.written(b0, b1)
+        while b < b1:
+            end = min(b + _CLEAR_ROWS, b1)
+            if _UNWRITTEN_BYTES in self._group_bytes[b << 2 : end << 2].tobytes():
+                freed += [g for g in groups[b:end] if g != UNWRITTEN]  # mixed (or odd bytes)
+            else:
+                freed += groups[b:end].tolist()  # all written: no per-block Python
+            self._group_view[b:end] = self._clear_groups[: end - b]
+            self._sum_view[b:end] = self._clear_sums[: end - b]
+            b = self.written(end, b1)
+        return freed
+
     def nbytes(self) -> int:
         """Bytes of daemon memory the tables take now (sparse extras excluded)."""
-        return int(self.groups.nbytes + self.checksums.nbytes) + len(self._free) * BYTES_PER_GROUP
+        return (self._group_view.nbytes + self._sum_view.nbytes
+                + len(self._free) * BYTES_PER_GROUP)

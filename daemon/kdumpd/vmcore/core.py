@@ -42,9 +42,7 @@ def open_vmcore(path: str | os.PathLike[str]) -> Vmcore:
         raise VmcoreError(f"cannot open {p}: {exc.strerror}") from None
     with stream:
         size = os.fstat(stream.fileno()).st_size
-        if size == 0 and p == Path("/proc/vmcore"):
-            raise VmcoreError("/proc/vmcore is empty: not a kdump kernel?")
-        header = read_core_header(stream, size)
+        header = read_core_header(stream, size, str(p))  # an empty file is said so there
         note = header.find_note("VMCOREINFO", 0) or header.find_note("VMCOREINFO")
         if note is None:
             raise VmcoreError(f"{p} has no VMCOREINFO note")
