@@ -49,11 +49,12 @@ from kdumpd.nbd import server, supervise
 from kdumpd.nbd.protect import protect_process
 from kdumpd.nbd.runconf import RunConf, atomic_write_json, read_json
 from kdumpd.nbd.selftest import run_selftest
-from kdumpd.nbd.service import open_backend, process_rss, store_capacity
+from kdumpd.nbd.service import open_backend, process_pss, process_rss, store_capacity
 from kdumpd.nbd.sockpath import answers, check_socket_path, remove_if_stale
 from kdumpd.oldmem.base import drop_contained, identity_ranges
 from kdumpd.oldmem.devmem import DevMem
 from kdumpd.oldmem.vmcore_rw import VmcoreRW
+from kdumpd.phases import Phases
 from kdumpd.plan import Plan
 from kdumpd.safeplan import gated_plan, host_facts_here
 from kdumpd.store.placement import Placement
@@ -159,24 +160,27 @@ def _probe_auto(spec: str, cfg: Config, ranges: tuple[PhysRange, ...], plan: Pla
         return "devmem"
 
 
-def prepare(cfg: Config) -> Prepared:
+def prepare(cfg: Config, phases: Phases | None = None) -> Prepared:
     """Plan, self-test, check placement and backend, and write ``runconf.json``.
 
     Nothing is written to old memory (the vmcore backend's probe rewrites one granted page with
     its own bytes). Every refusal raises here, before nbdkit exists.
     """
     run_dir = cfg.run_dir
+    ph = phases or Phases()
     _make_run_dir(run_dir)
-    with open_vmcore(cfg.vmcore) as vm:
+    with ph.measure("plan"), open_vmcore(cfg.vmcore) as vm:
         plan = plan_for_serve(vm, cfg)
         ranges = tuple(drop_contained(vm.phys.ranges))
     if not plan.extents:
         raise RefusedError(f"the plan grants no old memory at dump level {plan.dump_level} "
                            "(rule: write only inside the plan)")
-    spec = _probe_auto(_resolve_backend(cfg), cfg, ranges, plan)
-    if spec == "devmem":
-        plan = _devmem_mappable(plan)
-    selftests = run_selftest(cfg.copies, run_dir)
+    with ph.measure("backend_probe"):
+        spec = _probe_auto(_resolve_backend(cfg), cfg, ranges, plan)
+        if spec == "devmem":
+            plan = _devmem_mappable(plan)
+    with ph.measure("selftest"):
+        selftests = run_selftest(cfg.copies, run_dir)
     log.info("self-test: %d checks passed", selftests)
     placement = Placement.from_extents(plan.extents, cfg.copies,
                                        min_distance_bytes=int(cfg["min_distance"]))
@@ -193,7 +197,8 @@ def prepare(cfg: Config) -> Prepared:
     if cfg.size and cfg.size > capacity:
         log.warning("size %s exceeds the capacity %s at %d copies: writes past it get ENOSPC",
                     human_size(cfg.size), human_size(capacity), cfg.copies)
-    open_backend(spec, ranges, plan.extents).close()  # refusals happen here, before nbdkit
+    with ph.measure("backend_open"):
+        open_backend(spec, ranges, plan.extents).close()  # refusals happen here, before nbdkit
     summary = plan_summary(plan)
     rc = RunConf(
         run_dir=os.path.abspath(run_dir),
@@ -313,6 +318,8 @@ class _Serving:
         self.prepared: Prepared | None = None
         self.started = time.time()
         self.errors: list[str] = []
+        self.phases = Phases()
+        self.ready_seconds: float | None = None
 
     @property
     def state_path(self) -> str:
@@ -331,6 +338,8 @@ class _Serving:
             "log_level": self.cfg["log_level"],
             "started": round(self.started, 3),
             "version": __version__,
+            "ready_seconds": self.ready_seconds,
+            "phases": self.phases.to_json(),
         })
 
     def teardown(self) -> None:
@@ -406,7 +415,7 @@ def _serve_locked(cfg: Config, lock_fd: int) -> int:
     try:
         try:
             try:
-                s.prepared = prepare(cfg)
+                s.prepared = prepare(cfg, s.phases)
             except KdumpdError as exc:
                 _report_refusal(cfg, exc)
                 raise
@@ -465,25 +474,33 @@ def _start(s: _Serving) -> None:
     )
     s.nbdkit = server.Nbdkit(argv, sock, s.prepared.runconf.status_path,
                              s.prepared.runconf.error_path)
-    s.nbdkit.start()
+    with s.phases.measure("nbdkit"):
+        s.nbdkit.start()
     s.save_state()
     log.info("nbdkit %d serving %s on %s", s.nbdkit.pid,
              human_size(s.prepared.runconf.size_bytes), sock)
     if attach:
-        server.modprobe_nbd()
-        device = cfg["device"] if cfg["device"] != "auto" else server.find_free_nbd()
-        server.attach(sock, device, swap=cfg.use_as == "swap")
+        with s.phases.measure("attach"):
+            server.modprobe_nbd()
+            device = cfg["device"] if cfg["device"] != "auto" else server.find_free_nbd()
+            server.attach(sock, device, swap=cfg.use_as == "swap")
         s.device = device
         s.save_state()
         if cfg.use_as == "swap":
-            server.make_swap(device, int(cfg["swap_priority"]))
+            with s.phases.measure("swapon"):
+                server.make_swap(device, int(cfg["swap_priority"]))
             s.swap_on = True
         elif cfg.use_as == "scratch":
-            server.make_scratch(device, cfg.mount, str(cfg["fstype"]))
+            with s.phases.measure("mkfs_mount"):
+                server.make_scratch(device, cfg.mount, str(cfg["fstype"]))
             s.mounted = cfg.mount
         s.save_state()
         log.info("%s attached%s", device, {"swap": " as swap", "scratch": f" on {cfg.mount}"}
                  .get(cfg.use_as, ""))
+    s.ready_seconds = s.phases.total()
+    s.save_state()
+    log.info("ready in %.2f s: %s", s.ready_seconds,
+             ", ".join(f"{k} {v:.2f} s" for k, v in s.phases.seconds.items()))
     write_report(s, "serving")
     notify(ready=True, status=_status_line(s))
 
@@ -544,6 +561,8 @@ def write_report(s: _Serving, state: str) -> list[str]:
         "repairs": st.get("events", []),
         "protections": st.get("protections", {}),
         "selftests": s.prepared.selftests,
+        "ready_seconds": s.ready_seconds,
+        "phases": s.phases.to_json(),
         "config": s.cfg.to_json(),
         "teardown_errors": s.errors,
     }
@@ -629,6 +648,12 @@ def read_status(run_dir: str) -> dict[str, Any]:
             "daemon": process_rss(state["daemon_pid"]) if daemon_up else 0,
             "nbdkit": process_rss(state["nbdkit_pid"]) if nbdkit_up else 0,
         },
+        "pss_bytes": {
+            "daemon": process_pss(state["daemon_pid"]) if daemon_up else 0,
+            "nbdkit": process_pss(state["nbdkit_pid"]) if nbdkit_up else 0,
+        },
+        "ready_seconds": state.get("ready_seconds"),
+        "phases": state.get("phases", {}),
         "rss_anon_bytes": {
             "daemon": process_rss(state["daemon_pid"], "RssAnon") if daemon_up else 0,
             "nbdkit": process_rss(state["nbdkit_pid"], "RssAnon") if nbdkit_up else 0,

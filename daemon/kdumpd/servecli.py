@@ -121,9 +121,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  integrity  detected {i['detected']}, repaired {i['repaired']}, quarantined "
           f"{i['quarantined']}, lost {i['lost']} (relocated {i['relocated']}, scrubbed "
           f"{i['scrubbed_blocks']} blocks)")
-    rss, anon = st["rss_bytes"], st["rss_anon_bytes"]
+    rss, anon, pss = st["rss_bytes"], st["rss_anon_bytes"], st.get("pss_bytes") or {}
     print(f"  memory     daemon {human_size(rss['daemon'])} RSS ({human_size(anon['daemon'])} "
-          f"anon), nbdkit {human_size(rss['nbdkit'])} RSS ({human_size(anon['nbdkit'])} anon)")
+          f"anon), nbdkit {human_size(rss['nbdkit'])} RSS ({human_size(anon['nbdkit'])} anon); "
+          f"{human_size(sum(pss.values()))} PSS together")
+    if st.get("ready_seconds") is not None:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in (st.get("phases") or {}).items())
+        print(f"  ready in   {st['ready_seconds']:.2f} s ({phases})")
     prot = st.get("protections") or {}
     print("  protect    " + (", ".join(f"{k} {v}" for k, v in sorted(prot.items())) or "off"))
     return 0 if st["running"] else 1

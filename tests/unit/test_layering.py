@@ -11,6 +11,7 @@ PKG = Path(__file__).resolve().parents[2] / "daemon" / "kdumpd"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "units": set(),
+    "phases": set(),
     "vmcore": {"errors", "units", "vmcore"},
     "xlat": {"errors", "units", "vmcore", "xlat"},
     "mm": {"errors", "units", "vmcore", "xlat", "mm"},

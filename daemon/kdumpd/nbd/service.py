@@ -96,6 +96,19 @@ def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
     return 0
 
 
+def process_pss(pid: int | str = "self") -> int:
+    """Proportional set size of a process in bytes (0 if unknown), from smaps_rollup: what it
+    costs with the pages it shares (libpython, libc) split among their users."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class _ScrubView:
     """The store as the scrubber sees it, with a cheaper ``next_written``.
 

@@ -323,6 +323,7 @@ def analyse(mode: str, d: Path) -> dict[str, Any]:
         r["plan"] = {k: plan.get(k) for k in ("reusable_bytes", "extents", "dump_level",
                                                "osrelease")}
         r["report_state"] = report.get("state")
+        r["phases"] = report.get("phases")  # kdumpd's own split of its time to READY
         r["teardown_errors"] = report.get("teardown_errors")
     ref, fin = d / "reference.kdump", d / "final.kdump"
     if mode != "control" and ref.exists() and fin.exists():
@@ -408,6 +409,7 @@ def summary_line(args: argparse.Namespace, kernel: mk.Kernel, images: dict[str, 
         "kdumpd_pss_parts": s.get("kdumpd_pss_parts") or x.get("kdumpd_pss_parts"),
         "kdumpd_rss_parts": s.get("kdumpd_rss_parts") or x.get("kdumpd_rss_parts"),
         "ready_seconds": s.get("ready_seconds") or x.get("ready_seconds"),
+        "ready_phases": s.get("phases") or x.get("phases"),
         "dump_seconds": s.get("dump_seconds"),
         "reference_dump_seconds": (s.get("timings") or {}).get("reference_dump_seconds"),
         "hog_mib": s.get("hog_mib") or c.get("hog_mib"),
@@ -463,6 +465,9 @@ def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> N
         p(f"   old memory found: {_mib(plan.get('reusable_bytes'))} reusable in "
           f"{plan.get('extents')} extents (dump level {plan.get('dump_level')}); "
           f"kdumpd ready in {line['ready_seconds']} s")
+        phases = line.get("ready_phases") or {}
+        if phases:
+            p("      ready: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     st = s.get("status") or {}
     if st.get("capacity_bytes"):
         p(f"   swap: {_mib(st.get('capacity_bytes'))} in old memory, {st.get('copies')} copies "
