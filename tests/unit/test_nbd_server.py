@@ -218,3 +218,26 @@ def test_plugin_uses_absolute_imports_only() -> None:
     for node in ast.walk(ast.parse(plugin.read_text())):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0
+
+
+def test_overcommit_is_always_only_for_the_exec(tmp_path) -> None:
+    """nbdkit's 192 MiB .bss needs overcommit for its exec; the policy is put back after."""
+    knob = tmp_path / "overcommit_memory"
+    knob.write_text("0\n")
+    seen = []
+    with server.overcommit_for_exec(str(knob)):
+        seen.append(knob.read_text())
+    assert seen == ["1"] and knob.read_text() == "0"
+    # Restored even when the exec fails.
+    try:
+        with server.overcommit_for_exec(str(knob)):
+            raise OSError("exec failed")
+    except OSError:
+        pass
+    assert knob.read_text() == "0"
+    # An administrator's own policy is left alone; no knob, nothing happens.
+    knob.write_text("2\n")
+    with server.overcommit_for_exec(str(knob)):
+        assert knob.read_text() == "2\n"
+    with server.overcommit_for_exec(str(tmp_path / "none")):
+        pass

@@ -17,7 +17,8 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kdumpd.errors import ServeError
@@ -118,6 +119,45 @@ def nbdkit_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+OVERCOMMIT_PATH = "/proc/sys/vm/overcommit_memory"
+
+
+@contextmanager
+def overcommit_for_exec(path: str = OVERCOMMIT_PATH) -> Iterator[None]:
+    """Let the kernel map nbdkit's image, then put the overcommit policy back.
+
+    Debian's nbdkit (1.32) has 192 MiB of .bss: never touched, but charged as one private
+    mapping at exec. Under the default heuristic policy (0) the kernel refuses any single
+    mapping larger than RAM + swap, and a capture kernel at crashkernel=192M has ~150 MiB of
+    RAM and no swap yet: the exec fails ("__vm_enough_memory: ... not enough memory") and
+    nbdkit dies with SIGSEGV. For the exec only (Popen returns once it has happened) the
+    policy is "always" (1); the previous value is restored at once. Without root, or with
+    another policy set by the administrator, nothing changes.
+    """
+    try:
+        with open(path, encoding="ascii") as fh:
+            before = fh.read().strip()
+    except OSError:
+        before = ""
+    changed = False
+    if before == "0":
+        try:
+            with open(path, "w", encoding="ascii") as fh:
+                fh.write("1")
+            changed = True
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if changed:
+            try:
+                with open(path, "w", encoding="ascii") as fh:
+                    fh.write(before)
+            except OSError as exc:
+                log.warning("could not restore %s to %s: %s", path, before, exc.strerror)
+
+
 @dataclass
 class Nbdkit:
     """An nbdkit child serving the store on a Unix socket."""
@@ -142,8 +182,9 @@ class Nbdkit:
         remove_if_stale(self.socket)
         log.info("starting %s", " ".join(self.argv))
         try:
-            self.proc = subprocess.Popen(self.argv, env=nbdkit_env(), umask=0o077,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            with overcommit_for_exec():
+                self.proc = subprocess.Popen(self.argv, env=nbdkit_env(), umask=0o077,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise ServeError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
