@@ -166,8 +166,8 @@ _kdumpd_install_payload() {
 # kdumpd_squash=auto|yes|no: pack the payload into a compressed read-only image (auto: when
 # mksquashfs is there). The kernel unpacks the initramfs into a tmpfs capped at half of the
 # capture kernel's memory before anything runs, and every unpacked byte stays pinned there: the
-# payload is ~21 MB of files but ~7 MB as squashfs. Mounted (loop, read-only) by
-# kdumpd-image.service before kdumpd starts, its pages are page cache the kernel can drop.
+# payload is ~21 MB of files but ~7 MB as squashfs. kdumpd-image.service moves it to a RAM disk
+# and mounts it before kdumpd starts; its files are then page cache the kernel can drop.
 _kdumpd_squash_wanted() {
     case "${kdumpd_squash:-auto}" in
         no) return 1 ;;
@@ -225,8 +225,10 @@ _kdumpd_pack_payload() {
     mksquashfs "$_stage" "$initdir/usr/lib/kdumpd/payload.squashfs" -noappend -all-root \
         -no-xattrs -quiet -no-progress -comp "$_comp" > /dev/null || return 1
     rm -rf "$_stage"
-    hostonly='' instmods loop squashfs
-    inst_multiple mount umount losetup || return 1
+    hostonly='' instmods brd loop squashfs
+    inst_multiple mount umount losetup dd stat rm || return 1
+    inst_simple "$moddir/kdumpd-image" /usr/lib/kdumpd/kdumpd-image || return 1
+    chmod 0755 "$initdir/usr/lib/kdumpd/kdumpd-image"
     inst_simple "$moddir/kdumpd-image.service" "$systemdsystemunitdir/kdumpd-image.service" \
         || return 1
     mkdir -p "$initdir$systemdsystemunitdir/kdumpd.service.d"
