@@ -10,7 +10,8 @@ is numpy copying the same request sizes from the same mapping in the same kind o
 ("memcpy"): the ratio is the store's throughput over the anchor's. It also prints the
 checksums' GB/s, 4 KiB random-read rates with 1, 2 and 4 threads (the store's lock vs the
 GIL), and CPU time per request of first writes (fresh device, after a trim) against overwrites
-(``--first-writes`` prints only those). No figure is asserted: absolute numbers are noisy on shared machines, ratios less so.
+(``--first-writes`` prints only those). No figure is asserted: absolute numbers are noisy on
+shared machines, ratios less so.
 """
 
 from __future__ import annotations
