@@ -6,7 +6,9 @@
 
 Every server listens on a Unix socket; fio's ``ioengine=nbd`` (libnbd, one connection) drives
 it: 4 KiB random read and write at QD1 and QD16, and 64 KiB and 1 MiB sequential read and write
-at QD16. The device is written in full first, so reads return stored data, not holes. kdumpd
+at QD16; and first writes (the device trimmed whole, then written once over at 4 KiB random
+and 64 KiB sequential, so every request places blocks). The device is written in full first,
+so reads return stored data, not holes. kdumpd
 runs its real plugin (verify on read, xxh3 checksums, scrubber on at its default rate) over an
 image in /dev/shm, with the parallel thread model; ``--no-keep`` turns the thread-state trick
 off (KDUMPD_NO_KEEP_TSTATE=1) to show what it buys. Ratios are to the memory plugin measured in
@@ -45,6 +47,11 @@ TESTS = [
     ("64k write QD16", "write", "64k", 16),
     ("1M read QD16", "read", "1m", 16),
     ("1M write QD16", "write", "1m", 16),
+    # First writes: the device is trimmed whole first, then written once over (fio's random
+    # map: every block once), so every request places blocks, as swap-out into discarded
+    # slots does.
+    ("4k randwrite first QD16", "randwrite", "4k", 16),
+    ("64k write first QD16", "write", "64k", 16),
 ]
 
 
@@ -61,13 +68,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def fio(sock: str, rw: str, bs: str, qd: int, seconds: float, size: int,
-        pid: int) -> dict[str, float]:
+        pid: int, first: bool = False) -> dict[str, float]:
     argv = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
-        "--time_based", f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json",
-        "--randrepeat=0", "--norandommap",
+        "--output-format=json", "--randrepeat=0",
     ]
+    if first:
+        trim_all(sock, size)  # one pass over a trimmed device: every request a first write
+    else:
+        argv += ["--time_based", f"--runtime={seconds}", "--ramp_time=0.5", "--norandommap"]
     cpu0 = cpu_seconds(pid)
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     cpu = cpu_seconds(pid) - cpu0
@@ -75,10 +85,21 @@ def fio(sock: str, rw: str, bs: str, qd: int, seconds: float, size: int,
     side = job["read"] if "read" in rw else job["write"]
     ios = side["total_ios"] or 1
     # Server CPU per request covers the ramp too: fio's total_ios excludes it, so scale.
-    ramp = 0.5
+    scale = 1.0 if first else (seconds + 0.5) / seconds
     return {"iops": side["iops"], "mibs": side["bw_bytes"] / MiB,
             "lat_us": side["clat_ns"]["mean"] / 1000,
-            "cpu_us": cpu / (ios * (seconds + ramp) / seconds) * 1e6}
+            "cpu_us": cpu / (ios * scale) * 1e6}
+
+
+def trim_all(sock: str, size: int) -> None:
+    import nbd  # python3-libnbd
+
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    for off in range(0, size, 32 * MiB):
+        h.trim(min(32 * MiB, size - off), off)
+    h.flush()
+    h.shutdown()
 
 
 def prefill(sock: str, size: int) -> None:
@@ -180,7 +201,8 @@ def main() -> int:
                 try:
                     prefill(srv.sock, size)
                     for tname, rw, bs, qd in tests:
-                        r = fio(srv.sock, rw, bs, qd, args.seconds, size, srv.proc.pid)
+                        r = fio(srv.sock, rw, bs, qd, args.seconds, size, srv.proc.pid,
+                                first="first" in tname)
                         results.setdefault(name, {}).setdefault(tname, []).append(r)
                         print(f"  {name:<20} {tname:<18} {r['iops']:>9.0f} IOPS "
                               f"{r['mibs']:>8.0f} MiB/s {r['lat_us']:>7.1f} us "

@@ -8,8 +8,10 @@ store runs over an image in /dev/shm: sequential reads and writes at 4 KiB, 64 K
 and random 4 KiB reads and writes, one request per call, as nbdkit would issue them. The anchor
 is numpy copying the same request sizes from the same mapping in the same kind of loop
 ("memcpy"): the ratio is the store's throughput over the anchor's. It also prints the
-checksums' GB/s and 4 KiB random-read rates with 1, 2 and 4 threads (the store's lock vs the
-GIL). No figure is asserted: absolute numbers are noisy on shared machines, ratios less so.
+checksums' GB/s, 4 KiB random-read rates with 1, 2 and 4 threads (the store's lock vs the
+GIL), and CPU time per request of first writes (fresh device, after a trim) against overwrites
+(``--first-writes`` prints only those). No figure is asserted: absolute numbers are noisy on
+shared machines, ratios less so.
 """
 
 from __future__ import annotations
@@ -187,14 +189,55 @@ def bench_threads(store: BlockStore, seconds: float) -> None:
         print(f"  {nthreads} thread(s): {rate / 1e3:8.0f} k reads/s")
 
 
+def bench_first_writes(tmpdir: str, sums: BlockSums, seconds: float) -> None:
+    """CPU time per write request (this thread's, so other load on the machine does not
+    count) for first writes (fresh device; after a whole-device trim, as swap writes into
+    discarded slots) and overwrites, sequential, N=2, on the default path (C when built)."""
+    print("\nfirst writes vs overwrites, N=2, sequential, CPU us per request (thread time)")
+    print(f"{'size':<8}{'fresh device':>14}{'after trim':>12}{'overwrite':>11}")
+    data = os.urandom(1 * MiB)
+    for size in (4 * KiB, 64 * KiB):
+        mv = memoryview(data)[:size]
+        nreq = DEVICE // size
+        cpu: dict[str, list[float]] = {"fresh": [], "trim": [], "over": []}
+        # One image, every page touched first (old memory is present RAM; the first touch of
+        # a tmpfs page is a page fault, not the store's work); a new store on it each round.
+        path = os.path.join(tmpdir, "first")
+        image = ImageOldMem.create(path, POOL, [PhysRange(BASE, BASE + POOL, 0)])
+        image.burst(BASE, POOL, b"\xa5")
+        extents = [Extent(BASE >> PAGE_SHIFT, (BASE + POOL) >> PAGE_SHIFT)]
+        deadline = time.perf_counter() + 3 * seconds
+        while time.perf_counter() < deadline or not cpu["over"]:
+            store = BlockStore(image, Placement.from_extents(extents, 2), size_bytes=DEVICE,
+                               block_sums=sums)
+            for kind in ("fresh", "over", "trim", "over"):
+                if kind == "trim":
+                    store.trim(0, DEVICE)
+                t0 = time.thread_time()
+                for off in range(0, DEVICE, size):
+                    store.write(off, mv)
+                cpu[kind].append((time.thread_time() - t0) / nreq * 1e6)
+            store.close()
+        image.close()
+        os.unlink(path)
+        print(f"{size // KiB:>4} KiB{min(cpu['fresh']):>14.2f}{min(cpu['trim']):>12.2f}"
+              f"{min(cpu['over']):>11.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=0.4, help="per measurement")
     ap.add_argument("--copies", default="1,2,3")
+    ap.add_argument("--first-writes", action="store_true",
+                    help="only the first-write vs overwrite CPU figures")
     args = ap.parse_args()
     tmpdir = tempfile.mkdtemp(prefix="kdumpd-bench-", dir="/dev/shm" if
                               os.path.isdir("/dev/shm") else None)
     sums = cffi_sums()
+    if args.first_writes:
+        bench_first_writes(tmpdir, sums or PyBlockSums(), args.seconds)
+        os.rmdir(tmpdir)
+        return
     print(f"# python {sys.version.split()[0]}, numpy {np.__version__}, cpus {os.cpu_count()}, "
           f"load {os.getloadavg()[0]:.2f}, image in {tmpdir}")
     kernels: list[BlockSums] = [PyBlockSums()] + ([sums] if sums else [])
@@ -221,6 +264,8 @@ def main() -> None:
     bench_checksums(args.seconds, sums)
     if keep is not None:
         bench_threads(keep, args.seconds)
+    if sums is not None:
+        bench_first_writes(tmpdir, sums, args.seconds)
     for f in os.listdir(tmpdir):
         os.unlink(os.path.join(tmpdir, f))
     os.rmdir(tmpdir)

@@ -6,10 +6,19 @@ a block destroyed, and writes to a slot silently lost. The oracle is the image i
 is good exactly when its raw bytes equal the model's bytes for its block. Then:
 
 - a read never returns bytes other than the model's;
-- it raises IntegrityError exactly when a block it touches has no good copy left;
+- it raises IntegrityError exactly when it reaches a block that fails: one with no good copy
+  left, or one the store has declared lost whose copy 0 is bad (the model's ``known_lost``);
 - a read that found copy 0 bad leaves it good again (repaired, or the block moved) and the
-  counters say so; after a scrub every block has all copies good or none;
+  counters say so; after a scrub every block has all copies good or none, except blocks known
+  lost;
 - used blocks are exactly the model's non-zero blocks (thin provisioning).
+
+A lost block stays lost until it is rewritten (any write that reaches it, trim or
+write-zeroes): the store stops trusting its copies and does not repair it, even when faults
+flip its bits back so that a copy matches again. Reads of it still verify copy 0, so they
+return the right bytes while copy 0 happens to match, and fail otherwise. The model therefore
+records which blocks the store declared lost (the block a failing request stopped at, or a
+scrub's LOST), instead of deriving loss from the copies alone.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from tests.conftest import require
 from tests.unit.test_store_support import cffi_block_sums, make_store
 
 from kdumpd.errors import IntegrityError
+from kdumpd.store.blockstore import BlockCheck
 from kdumpd.store.blocksum import BlockSums, PyBlockSums
 from kdumpd.units import PAGE_SIZE
 
@@ -64,6 +74,7 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
                                                 fast=fast)
             self.copies = copies
             self.model = bytearray(SIZE)
+            self.known_lost: set[int] = set()  # declared lost by the store, not yet rewritten
             self.prev = self.store.stats()
 
         def teardown(self) -> None:
@@ -88,6 +99,21 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
             good = self.good(block)
             return good is not None and not any(good)
 
+        def fails(self, block: int) -> bool:
+            # Whether reading the block raises: no good copy left, or declared lost before
+            # and copy 0 bad (a lost block is not repaired, even if another copy came back).
+            good = self.good(block)
+            if good is None:
+                return False
+            return not good[0] if block in self.known_lost else not any(good)
+
+        def first_failing(self, blocks: range | list[int]) -> int | None:
+            # The block, in the order the store reads them, where a request stops.
+            return next((b for b in blocks if self.fails(b)), None)
+
+        def rewritten(self, b0: int, b1: int) -> None:
+            self.known_lost.difference_update(range(b0, b1))
+
         def written(self) -> list[int]:
             return [b for b in range(NBLOCKS) if self.store.locate(b) is not None]
 
@@ -106,13 +132,17 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
             return out
 
         def rmw(self, offset: int, data: bytes) -> None:
-            # One read-modify-write as the store does it: all or nothing.
-            if any(self.is_lost(b) for b in self.edges(offset, len(data))):
+            # One read-modify-write as the store does it: all or nothing. The head edge is
+            # read before the tail edge.
+            bad = self.first_failing(sorted(self.edges(offset, len(data))))
+            if bad is not None:
                 with pytest.raises(IntegrityError):
                     self.store.write(offset, data)
+                self.known_lost.add(bad)
                 raise _Refused
             self.store.write(offset, data)
             self.model[offset : offset + len(data)] = data
+            self.rewritten(offset // BS, -(-(offset + len(data)) // BS))
 
         # -- I/O ---------------------------------------------------------------------------
 
@@ -140,12 +170,13 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
 
         def check_read(self, offset: int, nbytes: int) -> None:
             blocks = range(offset // BS, (offset + nbytes - 1) // BS + 1)
-            lost = [b for b in blocks if self.is_lost(b)]
+            bad = self.first_failing(blocks)
             bad0 = [b for b in blocks if (g := self.good(b)) is not None and not g[0] and any(g)]
             before = self.store.stats()
-            if lost:
+            if bad is not None:
                 with pytest.raises(IntegrityError):
                     self.store.read(offset, nbytes)
+                self.known_lost.add(bad)
                 return
             assert self.store.read(offset, nbytes) == self.model[offset : offset + nbytes]
             after = self.store.stats()
@@ -161,6 +192,7 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
             self.store.trim(offset, nbytes)
             b0, b1 = -(-offset // BS), (offset + nbytes) // BS
             self.model[b0 * BS : max(b0, b1) * BS] = bytes(max(0, b1 - b0) * BS)
+            self.rewritten(b0, b1)
 
         @rule(data=st.data())
         def zero(self, data: st.DataObject) -> None:
@@ -169,31 +201,48 @@ def make_machine(sums: BlockSums, fast: bool | None) -> type[RuleBasedStateMachi
             b0, b1 = -(-offset // BS), end // BS
             edges = self.edges(offset, nbytes)
             if b0 >= b1:
-                if any(self.is_lost(b) for b in edges):
+                bad = self.first_failing(sorted(edges))
+                if bad is not None:
                     with pytest.raises(IntegrityError):
                         self.store.zero(offset, nbytes)
+                    self.known_lost.add(bad)
                     return
                 self.store.zero(offset, nbytes)
                 self.model[offset:end] = bytes(nbytes)
+                self.rewritten(offset // BS, -(-end // BS))
                 return
-            head_lost = offset % BS and self.is_lost(offset // BS)
-            tail_lost = end % BS and self.is_lost(end // BS)
+            head_lost = offset % BS and self.fails(offset // BS)
+            tail_lost = end % BS and self.fails(end // BS)
             if head_lost or tail_lost:
                 with pytest.raises(IntegrityError):
                     self.store.zero(offset, nbytes)
-                if not head_lost and offset % BS:  # the head went through before the tail
-                    self.model[offset : b0 * BS] = bytes(b0 * BS - offset)
+                if head_lost:
+                    self.known_lost.add(offset // BS)
+                else:
+                    self.known_lost.add(end // BS)
+                    if offset % BS:  # the head went through before the tail
+                        self.model[offset : b0 * BS] = bytes(b0 * BS - offset)
+                        self.rewritten(offset // BS, b0)
                 return
             self.store.zero(offset, nbytes)
             self.model[offset:end] = bytes(nbytes)
+            self.rewritten(offset // BS, -(-end // BS))
 
         @rule()
         def scrub(self) -> None:
             for b in range(NBLOCKS):
-                self.store.verify_block(b)
+                known = b in self.known_lost
+                lost = self.is_lost(b)
+                result = self.store.verify_block(b)
+                if known or lost:  # a known-lost block stays lost, whatever its copies hold
+                    assert result is BlockCheck.LOST, (b, result)
+                    self.known_lost.add(b)
+                else:
+                    assert result is not BlockCheck.LOST, (b, result)
             for b in range(NBLOCKS):
                 good = self.good(b)
-                assert good is None or all(good) or not any(good), (b, good)
+                assert good is None or all(good) or not any(good) or b in self.known_lost, \
+                    (b, good)
 
         # -- faults: straight into the image, as a device would -------------------------
 

@@ -4,9 +4,10 @@ The C is ``blocksum.c`` (beside this file); this script declares what Python may
 and compiles it. Two groups of functions:
 
 - ``kdumpd_first_bad`` / ``kdumpd_checksums``: XXH3-64 of many 4 KiB blocks per call;
-- ``kdumpd_fast_*``: the store's fast path (:mod:`kdumpd.store.fastpath`): aligned reads and
-  overwrites done whole in C under the store's reader-writer lock, with the GIL released, so
-  that nbdkit's worker threads copy and hash in parallel instead of queueing on the GIL.
+- ``kdumpd_fast_*``: the store's fast path (:mod:`kdumpd.store.fastpath`): aligned reads,
+  writes (block placement included) and trims done whole in C under the store's reader-writer
+  lock, with the GIL released, so that nbdkit's worker threads copy and hash in parallel
+  instead of queueing on the GIL.
 
 Build (needs gcc, python3-dev, libxxhash-dev; the result needs only libxxhash0, which
 python3-xxhash already pulls in)::
@@ -36,13 +37,17 @@ void kdumpd_checksums(const unsigned char *buf, size_t nblocks, uint64_t *out);
 typedef struct kdumpd_fast kdumpd_fast;
 kdumpd_fast *kdumpd_fast_new(uint64_t ngroups, uint32_t copies, size_t nruns,
                              const uint64_t *cum, unsigned char *const *base, uint32_t *groups,
-                             uint64_t *sums, uint64_t nblocks, uint64_t zero_sum);
+                             uint64_t *sums, uint64_t nblocks, uint64_t zero_sum,
+                             uint64_t *state, uint64_t spare, uint64_t *scratch,
+                             uint64_t scratch_len);
 void kdumpd_fast_free(kdumpd_fast *f);
 void kdumpd_fast_lock(kdumpd_fast *f);
 int kdumpd_fast_trylock(kdumpd_fast *f);
-void kdumpd_fast_unlock(kdumpd_fast *f, int writes_ok);
+void kdumpd_fast_unlock(kdumpd_fast *f, unsigned flags);
+void kdumpd_fast_set_free(kdumpd_fast *f, uint32_t *stack, uint64_t cap);
 size_t kdumpd_fast_read(kdumpd_fast *f, uint64_t b0, size_t n, unsigned char *out);
 int kdumpd_fast_write(kdumpd_fast *f, uint64_t b0, size_t n, const unsigned char *data);
+int kdumpd_fast_trim(kdumpd_fast *f, uint64_t b0, uint64_t b1, int zero);
 void kdumpd_fast_counters(kdumpd_fast *f, uint64_t *out);
 int kdumpd_fast_verify(kdumpd_fast *f, uint64_t block);
 uint64_t kdumpd_fast_next_written(kdumpd_fast *f, uint64_t block);

@@ -14,8 +14,9 @@ trimmed), or raises :class:`~kdumpd.errors.IntegrityError`. It never returns oth
   zeros into partial blocks at the edges, trim leaves them alone (trim is advisory).
 
 Fast path: with the cffi kernels and a backend that maps the pool (``stable_view``), aligned
-reads and plain overwrites run whole in C with the GIL released (:mod:`kdumpd.store.fastpath`);
-the lock is then the fast path's reader-writer lock, which every path below takes exclusively.
+reads and writes (placing blocks too) and whole-block trims run whole in C with the GIL released
+(:mod:`kdumpd.store.fastpath`), on the same tables and free-group stack; the lock is then the
+fast path's reader-writer lock, which every path below takes exclusively.
 
 Locking: one mutex, held for each request. Everything the store does runs under the GIL (mmap
 copies and python-xxhash hold it), so finer locks could not let two requests run at once; they
@@ -274,6 +275,9 @@ class BlockStore:
         """Free the whole blocks inside the range (they read as zeros); partial blocks stay."""
         self._check_range(offset, nbytes)
         b0, b1 = (offset + _MASK) >> _SHIFT, (offset + nbytes) >> _SHIFT
+        fast = self._fast
+        if fast is not None and b0 < b1 and fast.trim(b0, b1):
+            return
         with self._lock:
             self._trims += 1
             if b0 < b1:
@@ -284,6 +288,10 @@ class BlockStore:
         self._check_range(offset, nbytes)
         end = offset + nbytes
         b0, b1 = (offset + _MASK) >> _SHIFT, end >> _SHIFT
+        fast = self._fast
+        if fast is not None and not (offset | end) & _MASK and b0 < b1 \
+                and fast.trim(b0, b1, zero=True):
+            return
         with self._lock:
             self._zeroes += 1
             if b0 >= b1:  # the range lies inside one block
@@ -380,13 +388,13 @@ class BlockStore:
         with self._lock:
             t = self._t
             capacity = self._p.ngroups - t.spare_groups - len(t.retired)
-            reads, writes, blocks_read, blocks_written = (
-                self._fast.counters() if self._fast is not None else (0, 0, 0, 0))
+            reads, writes, blocks_read, blocks_written, trims, zeroes = (
+                self._fast.counters() if self._fast is not None else (0, 0, 0, 0, 0, 0))
             return StoreStats(
                 reads=self._reads + reads,
                 writes=self._writes + writes,
-                trims=self._trims,
-                zeroes=self._zeroes,
+                trims=self._trims + trims,
+                zeroes=self._zeroes + zeroes,
                 blocks_read=self._blocks_read + blocks_read,
                 blocks_written=self._blocks_written + blocks_written,
                 corruptions_detected=self._fixer.corrupt,

@@ -4,8 +4,9 @@
  *
  * - kdumpd_first_bad / kdumpd_checksums: XXH3-64 of many 4 KiB blocks in one call
  *   (kdumpd/store/blocksum.py);
- * - kdumpd_fast_*: the store's fast path (kdumpd/store/fastpath.py): aligned reads and
- *   overwrites done whole here under the store's reader-writer lock, with the GIL released.
+ * - kdumpd_fast_*: the store's fast path (kdumpd/store/fastpath.py): aligned reads, writes
+ *   (overwrites, and first writes that place blocks) and trims done whole here under the
+ *   store's reader-writer lock, with the GIL released.
  *
  * Standalone check (what the tests run): gcc -fsyntax-only -Wall -Wextra -Wno-unused-function
  * blocksum.c
@@ -36,14 +37,20 @@ static void kdumpd_checksums(const unsigned char *buf, size_t nblocks, uint64_t 
 }
 
 /* ---- the fast path --------------------------------------------------------------------
- * The tables (groups, sums) are the store's arrays (slot.py: array('I') and array('Q')),
- * updated in place and never reallocated; the runs are the placement's extents in pool order,
- * each with the host address of its first slot (NULL: not mapped, such slots go to the Python
- * path). Slot index = copy * ngroups + group, as in placement.py.
+ * The tables are the store's arrays (slot.py), updated in place and never reallocated except
+ * the free-group stack, which Python replaces (under the exclusive lock) when it must grow and
+ * then hands over with kdumpd_fast_set_free:
+ *   groups[block] (uint32), sums[block] (uint64): the per-block metadata;
+ *   state[]: next (groups at or above it never handed out), nfree (entries of the free stack
+ *            in use, top last), used_blocks: slot.py's allocator, shared, not copied;
+ *   free_stack[free_cap]: the groups given back by trims and zero writes.
+ * The runs are the placement's extents in pool order, each with the host address of its first
+ * slot (NULL: not mapped, such slots go to the Python path). Slot index = copy * ngroups +
+ * group, as in placement.py.
  * Every function that touches the tables holds `lock`: shared for reads, exclusive for
- * writes and for the Python paths (kdumpd_fast_lock). Nothing here takes the GIL. The data
- * paths accept NULL (a closed store) and serve nothing, so a late call cannot touch freed
- * memory.
+ * writes, trims and the Python paths (kdumpd_fast_lock). Nothing here takes the GIL or
+ * allocates after kdumpd_fast_new. The data paths accept NULL (a closed store) and serve
+ * nothing, so a late call cannot touch freed memory.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -51,7 +58,16 @@ static void kdumpd_checksums(const unsigned char *buf, size_t nblocks, uint64_t 
 
 #define KDUMPD_SHIFT 12
 #define KDUMPD_UNWRITTEN 0xffffffffu
-#define KDUMPD_STACK_SUMS 64
+#define KDUMPD_STACK_SUMS 64    /* checksums of requests up to 256 KiB: on the stack */
+
+/* state[] indices (slot.py: SlotTable.state) */
+#define KDUMPD_NEXT 0
+#define KDUMPD_NFREE 1
+#define KDUMPD_USED 2
+
+/* kdumpd_fast_unlock flags, from the Python side's sparse sets */
+#define KDUMPD_NO_LOST 1u       /* no lost blocks: writes may bypass Python (it forgets them) */
+#define KDUMPD_NO_RETIRED 2u    /* no retired groups: C may give groups back (Python filters) */
 
 typedef struct kdumpd_fast kdumpd_fast;
 
@@ -66,14 +82,21 @@ struct kdumpd_fast {
     uint64_t *sums;
     uint64_t nblocks;
     uint64_t zero_sum;
-    int writes_ok;              /* 0 while the Python side has lost blocks to forget on rewrite */
-    uint64_t reads, writes, blocks_read, blocks_written;
+    uint64_t *state;            /* next, nfree, used_blocks */
+    uint32_t *free_stack;
+    uint64_t free_cap;
+    uint64_t spare;             /* groups kept back for relocation (ordinary writes never take) */
+    uint64_t *scratch;          /* checksums of requests above KDUMPD_STACK_SUMS blocks */
+    uint64_t scratch_len;
+    unsigned flags;             /* KDUMPD_NO_LOST | KDUMPD_NO_RETIRED, set at each unlock */
+    uint64_t reads, writes, blocks_read, blocks_written, trims, zeroes;
 };
 
 static kdumpd_fast *kdumpd_fast_new(uint64_t ngroups, uint32_t copies, size_t nruns,
                                     const uint64_t *cum, unsigned char *const *base,
                                     uint32_t *groups, uint64_t *sums, uint64_t nblocks,
-                                    uint64_t zero_sum)
+                                    uint64_t zero_sum, uint64_t *state, uint64_t spare,
+                                    uint64_t *scratch, uint64_t scratch_len)
 {
     pthread_rwlockattr_t attr;
     kdumpd_fast *f = calloc(1, sizeof(*f));
@@ -96,7 +119,11 @@ static kdumpd_fast *kdumpd_fast_new(uint64_t ngroups, uint32_t copies, size_t nr
     f->sums = sums;
     f->nblocks = nblocks;
     f->zero_sum = zero_sum;
-    f->writes_ok = 1;
+    f->state = state;
+    f->spare = spare;
+    f->scratch = scratch;
+    f->scratch_len = scratch_len;
+    f->flags = KDUMPD_NO_LOST | KDUMPD_NO_RETIRED;
     /* Writers first: a stream of shared readers must not starve a writer or the scrubber. */
     pthread_rwlockattr_init(&attr);
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -118,11 +145,20 @@ static void kdumpd_fast_free(kdumpd_fast *f)
 static void kdumpd_fast_lock(kdumpd_fast *f) { pthread_rwlock_wrlock(&f->lock); }
 static int kdumpd_fast_trylock(kdumpd_fast *f) { return pthread_rwlock_trywrlock(&f->lock) == 0; }
 
-/* Release the exclusive lock; the Python side says whether overwrites may bypass it. */
-static void kdumpd_fast_unlock(kdumpd_fast *f, int writes_ok)
+/* Release the exclusive lock; the Python side says what C may do without it (flags). */
+static void kdumpd_fast_unlock(kdumpd_fast *f, unsigned flags)
 {
-    f->writes_ok = writes_ok;
+    f->flags = flags;
     pthread_rwlock_unlock(&f->lock);
+}
+
+/* The free-group stack, after Python replaced it to grow it; the exclusive lock is held. */
+static void kdumpd_fast_set_free(kdumpd_fast *f, uint32_t *stack, uint64_t cap)
+{
+    if (!f)
+        return;
+    f->free_stack = stack;
+    f->free_cap = cap;
 }
 
 /* Host address of slot `idx`, or NULL if it is outside the pool or not mapped. */
@@ -141,6 +177,15 @@ static unsigned char *kdumpd_slot(const kdumpd_fast *f, uint64_t idx)
     if (!f->base[lo])
         return NULL;
     return f->base[lo] + ((idx - f->cum[lo]) << KDUMPD_SHIFT);
+}
+
+/* Whether every copy of group g is mapped. */
+static int kdumpd_group_mapped(const kdumpd_fast *f, uint32_t g)
+{
+    for (uint32_t c = 0; c < f->copies; c++)
+        if (!kdumpd_slot(f, (uint64_t)c * f->ngroups + g))
+            return 0;
+    return 1;
 }
 
 /* Blocks [b0, b0 + n) from copy 0 into out, each verified after the copy (what is checked is
@@ -180,44 +225,101 @@ static int kdumpd_is_zero(const unsigned char *p)
     return memcmp(p, zeros, KDUMPD_BLOCK) == 0;
 }
 
-/* Overwrite blocks [b0, b0 + n) that all hold a group already, with non-zero data: checksums
- * (computed before the lock), then every copy. Returns 1 if done, 0 if nothing was changed
- * and the Python path must do it (a block to place or free, an unmapped slot, lost blocks to
- * forget, or no memory for the checksums). */
+/* Whether block k of a request (checksums s) is all zeros: the checksum says maybe, memcmp
+ * decides. */
+static int kdumpd_zero_at(const kdumpd_fast *f, const uint64_t *s, const unsigned char *data,
+                          size_t k)
+{
+    return s[k] == f->zero_sum && kdumpd_is_zero(data + (k << KDUMPD_SHIFT));
+}
+
+/* The group the i-th block a request places gets, as slot.py's allocate hands them out: the
+ * free stack from its top, then never-used groups upwards. Nothing is taken yet. */
+static uint32_t kdumpd_nth_free(const kdumpd_fast *f, uint64_t i)
+{
+    uint64_t nfree = f->state[KDUMPD_NFREE];
+    return i < nfree ? f->free_stack[nfree - 1 - i]
+                     : (uint32_t)(f->state[KDUMPD_NEXT] + (i - nfree));
+}
+
+/* Groups ordinary writes may still take (the spares are kept for relocation). */
+static uint64_t kdumpd_usable(const kdumpd_fast *f)
+{
+    uint64_t total = f->state[KDUMPD_NFREE] + f->ngroups - f->state[KDUMPD_NEXT];
+    return total > f->spare ? total - f->spare : 0;
+}
+
+/* Write blocks [b0, b0 + n) in every copy, as blockstore.py's _write_blocks does: a block that
+ * holds a group is overwritten, an unwritten one gets the next free group, an all-zero one
+ * becomes unwritten and gives its group back (after the new ones are taken, like Python).
+ * Checksums first (before the lock for small requests), then metadata, then the copies.
+ * Returns 1 if done, 0 if nothing was changed and the Python path must do it: lost blocks to
+ * forget, a group to give back while groups are retired, a free stack too small to take it
+ * (Python grows it), no free group (Python raises ENOSPC), an unmapped slot, a request larger
+ * than the scratch. */
 static int kdumpd_fast_write(kdumpd_fast *f, uint64_t b0, size_t n, const unsigned char *data)
 {
     uint64_t stack_sums[KDUMPD_STACK_SUMS];
-    uint64_t *s;
+    uint64_t *s = stack_sums;
+    uint64_t nnew = 0, nfreed = 0, nfree, reuse, low, i, j;
     int done = 0;
     size_t k;
     uint32_t c;
     if (!f || b0 > f->nblocks || n > f->nblocks - b0)
         return 0;  /* out of range: the Python path raises */
-    s = n <= KDUMPD_STACK_SUMS ? stack_sums : malloc(n * sizeof(*s));
-    if (!s)
+    if (n > KDUMPD_STACK_SUMS && n > f->scratch_len)
         return 0;
-    for (k = 0; k < n; k++) {
-        const unsigned char *src = data + ((size_t)k << KDUMPD_SHIFT);
-        s[k] = XXH3_64bits(src, KDUMPD_BLOCK);
-        if (s[k] == f->zero_sum && kdumpd_is_zero(src))
-            goto out;  /* zero blocks give their group back: Python's job */
-    }
+    if (n <= KDUMPD_STACK_SUMS)
+        for (k = 0; k < n; k++)
+            s[k] = XXH3_64bits(data + ((size_t)k << KDUMPD_SHIFT), KDUMPD_BLOCK);
     pthread_rwlock_wrlock(&f->lock);
-    if (!f->writes_ok)
+    if (n > KDUMPD_STACK_SUMS) {
+        s = f->scratch;  /* shared by writers, so filled under the exclusive lock */
+        for (k = 0; k < n; k++)
+            s[k] = XXH3_64bits(data + ((size_t)k << KDUMPD_SHIFT), KDUMPD_BLOCK);
+    }
+    if (!(f->flags & KDUMPD_NO_LOST))
         goto unlock;
+    /* Check everything before changing anything. */
+    for (k = 0; k < n; k++) {
+        uint32_t g = f->groups[b0 + k];
+        if (kdumpd_zero_at(f, s, data, k)) {
+            nfreed += g != KDUMPD_UNWRITTEN;
+            continue;
+        }
+        if (g == KDUMPD_UNWRITTEN) {
+            if (nnew == kdumpd_usable(f))
+                goto unlock;  /* pool full: Python raises ENOSPC */
+            g = kdumpd_nth_free(f, nnew++);
+        }
+        if (!kdumpd_group_mapped(f, g))
+            goto unlock;
+    }
+    nfree = f->state[KDUMPD_NFREE];
+    reuse = nnew < nfree ? nnew : nfree;
+    low = nfree - reuse;  /* the stack's height once the new groups are taken */
+    if (nfreed && (!(f->flags & KDUMPD_NO_RETIRED) || low + nfreed > f->free_cap))
+        goto unlock;
+    /* Metadata before the copies, as in blockstore.py: new groups first, then the freed ones
+     * go on the stack in block order (the first freed on top), as slot.py's release. */
+    for (k = 0, i = 0; k < n; k++)
+        if (f->groups[b0 + k] == KDUMPD_UNWRITTEN && !kdumpd_zero_at(f, s, data, k))
+            f->groups[b0 + k] = kdumpd_nth_free(f, i++);
+    for (k = 0, j = 0; k < n; k++) {
+        uint32_t g = f->groups[b0 + k];
+        if (g != KDUMPD_UNWRITTEN && kdumpd_zero_at(f, s, data, k)) {
+            f->free_stack[low + nfreed - 1 - j++] = g;
+            f->groups[b0 + k] = KDUMPD_UNWRITTEN;
+        }
+        f->sums[b0 + k] = s[k];
+    }
+    f->state[KDUMPD_NFREE] = low + nfreed;
+    f->state[KDUMPD_NEXT] += nnew - reuse;
+    f->state[KDUMPD_USED] += nnew - nfreed;  /* modulo 2**64: may go down */
     for (k = 0; k < n; k++) {
         uint32_t g = f->groups[b0 + k];
         if (g == KDUMPD_UNWRITTEN)
-            goto unlock;
-        for (c = 0; c < f->copies; c++)
-            if (!kdumpd_slot(f, (uint64_t)c * f->ngroups + g))
-                goto unlock;
-    }
-    /* Metadata before the copies, as in blockstore.py. */
-    for (k = 0; k < n; k++)
-        f->sums[b0 + k] = s[k];
-    for (k = 0; k < n; k++) {
-        uint32_t g = f->groups[b0 + k];
+            continue;
         for (c = 0; c < f->copies; c++)
             memcpy(kdumpd_slot(f, (uint64_t)c * f->ngroups + g),
                    data + ((size_t)k << KDUMPD_SHIFT), KDUMPD_BLOCK);
@@ -227,9 +329,41 @@ static int kdumpd_fast_write(kdumpd_fast *f, uint64_t b0, size_t n, const unsign
     done = 1;
 unlock:
     pthread_rwlock_unlock(&f->lock);
-out:
-    if (s != stack_sums)
-        free(s);
+    return done;
+}
+
+/* Make whole blocks [b0, b1) unwritten and give their groups back in block order (the first on
+ * top), as blockstore.py's _free_blocks; counted as a trim (zero == 0) or a write-zeroes.
+ * Returns 1 if done, 0 if nothing was changed and the Python path must do it (lost blocks to
+ * forget, retired groups, a free stack too small). */
+static int kdumpd_fast_trim(kdumpd_fast *f, uint64_t b0, uint64_t b1, int zero)
+{
+    uint64_t b, nfreed = 0, nfree, j = 0;
+    int done = 0;
+    if (!f || b1 > f->nblocks || b0 > b1)
+        return 0;
+    pthread_rwlock_wrlock(&f->lock);
+    if ((f->flags & (KDUMPD_NO_LOST | KDUMPD_NO_RETIRED)) != (KDUMPD_NO_LOST | KDUMPD_NO_RETIRED))
+        goto unlock;
+    for (b = b0; b < b1; b++)
+        nfreed += f->groups[b] != KDUMPD_UNWRITTEN;
+    nfree = f->state[KDUMPD_NFREE];
+    if (nfree + nfreed > f->free_cap)
+        goto unlock;
+    for (b = b0; j < nfreed; b++) {
+        uint32_t g = f->groups[b];
+        if (g == KDUMPD_UNWRITTEN)
+            continue;
+        f->free_stack[nfree + nfreed - 1 - j++] = g;
+        f->groups[b] = KDUMPD_UNWRITTEN;
+        f->sums[b] = f->zero_sum;
+    }
+    f->state[KDUMPD_NFREE] = nfree + nfreed;
+    f->state[KDUMPD_USED] -= nfreed;
+    __atomic_add_fetch(zero ? &f->zeroes : &f->trims, 1, __ATOMIC_RELAXED);
+    done = 1;
+unlock:
+    pthread_rwlock_unlock(&f->lock);
     return done;
 }
 
@@ -246,7 +380,7 @@ static int kdumpd_fast_verify(kdumpd_fast *f, uint64_t block)
     g = f->groups[block];
     if (g == KDUMPD_UNWRITTEN)
         r = 0;
-    else if (!f->writes_ok)
+    else if (!(f->flags & KDUMPD_NO_LOST))
         r = -1;
     for (c = 0; r == 1 && c < f->copies; c++) {
         const unsigned char *p = kdumpd_slot(f, (uint64_t)c * f->ngroups + g);
@@ -270,16 +404,18 @@ static uint64_t kdumpd_fast_next_written(kdumpd_fast *f, uint64_t block)
     return b < f->nblocks ? b : f->nblocks;
 }
 
-/* reads, writes, blocks_read, blocks_written done by the fast path. Lock-free (atomic loads),
- * so it may be called with the exclusive lock held. */
+/* reads, writes, blocks_read, blocks_written, trims, zeroes done by the fast path. Lock-free
+ * (atomic loads), so it may be called with the exclusive lock held. */
 static void kdumpd_fast_counters(kdumpd_fast *f, uint64_t *out)
 {
     if (!f) {
-        out[0] = out[1] = out[2] = out[3] = 0;
+        memset(out, 0, 6 * sizeof(*out));
         return;
     }
     out[0] = __atomic_load_n(&f->reads, __ATOMIC_RELAXED);
     out[1] = __atomic_load_n(&f->writes, __ATOMIC_RELAXED);
     out[2] = __atomic_load_n(&f->blocks_read, __ATOMIC_RELAXED);
     out[3] = __atomic_load_n(&f->blocks_written, __ATOMIC_RELAXED);
+    out[4] = __atomic_load_n(&f->trims, __ATOMIC_RELAXED);
+    out[5] = __atomic_load_n(&f->zeroes, __ATOMIC_RELAXED);
 }

@@ -19,7 +19,12 @@ addresses; an ``array`` refuses to resize while a buffer is exported, which back
 
 Free groups: a high-water mark (groups at or above it were never handed out) and an
 ``array('I')`` stack of groups given back by trim or zero writes: 4 bytes per *freed* group,
-so nothing until the first trim, and at worst 4 bytes per ``N * 4 KiB`` of old memory.
+so nothing until the first trim, and at worst 4 bytes per ``N * 4 KiB`` of old memory. The
+stack has a capacity and a height (``state``): it grows by replacement, never in place, and
+only here (``on_grow`` tells the C fast path, which pops and pushes within the capacity).
+The allocator's numbers (high-water mark, stack height, used blocks) live in one
+``array('Q')``, ``state``, so that the C fast path places blocks with the very same state
+and hands them out in the very same order.
 Sparse extras, empty while memory behaves: failure counts per slot, retired groups, lost
 blocks.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import errno
 from array import array
+from collections.abc import Callable
 
 from kdumpd.errors import BackendError
 from kdumpd.store.blocksum import ZERO_CHECKSUM
@@ -49,6 +55,9 @@ _WINDOW = 1 << 14  # blocks per memcmp
 _ALL_ONES = b"\xff" * (_WINDOW << 2)
 _UNWRITTEN_BYTES = b"\xff" * 4
 _CLEAR_ROWS = 1024  # blocks reset per slice assignment when freeing a range
+_MIN_STACK = 1024  # free-stack capacity at its first growth (4 KiB)
+# state[] indices, shared with blocksum.c (KDUMPD_NEXT, KDUMPD_NFREE, KDUMPD_USED)
+NEXT, NFREE, USED = 0, 1, 2
 # The C fast path reads the tables as uint32_t and uint64_t.
 if array("I").itemsize != 4 or array("Q").itemsize != 8:
     raise ImportError("kdumpd.store needs array('I') and array('Q') of 4 and 8 bytes")
@@ -65,19 +74,20 @@ class SlotTable:
     __slots__ = (
         "_clear_groups",
         "_clear_sums",
-        "_free",
+        "_free_view",
         "_group_bytes",
         "_group_view",
-        "_next",
         "_sum_view",
         "checksums",
         "failures",
+        "free_stack",
         "groups",
         "lost",
         "ngroups",
+        "on_grow",
         "retired",
         "spare_groups",
-        "used_blocks",
+        "state",
     )
 
     def __init__(self, nblocks: int, ngroups: int, *, spare_groups: int) -> None:
@@ -95,18 +105,31 @@ class SlotTable:
         self._group_bytes = self._group_view.cast("B")
         self._clear_groups = memoryview(array("I", (UNWRITTEN,)) * _CLEAR_ROWS)
         self._clear_sums = memoryview(array("Q", (ZERO_CHECKSUM,)) * _CLEAR_ROWS)
-        self._free = array("I")  # freed groups, top of stack handed out first
-        self._next = 0  # groups >= _next were never handed out
+        # Freed groups: entries [0, state[NFREE]) in use, the top (last) handed out first.
+        self.free_stack = array("I")
+        self._free_view = memoryview(self.free_stack)
+        self.on_grow: Callable[[array[int]], None] | None = None  # the fast path re-points
+        # NEXT: groups at or above it were never handed out; NFREE: the stack's height.
+        self.state = array("Q", (0, 0, 0))
         self.ngroups = ngroups
         self.spare_groups = spare_groups
-        self.used_blocks = 0
         self.failures: dict[int, int] = {}  # slot (copy * ngroups + group) -> failures seen
         self.retired: set[int] = set()  # groups holding a quarantined slot; never reused
         self.lost: set[int] = set()  # blocks whose every copy failed; reads raise until rewritten
 
     @property
+    def used_blocks(self) -> int:
+        """Blocks holding a group."""
+        return self.state[USED]
+
+    @used_blocks.setter
+    def used_blocks(self, value: int) -> None:
+        self.state[USED] = value
+
+    @property
     def free_groups(self) -> int:
-        return len(self._free) + self.ngroups - self._next
+        st = self.state
+        return st[NFREE] + self.ngroups - st[NEXT]
 
     @property
     def usable_free_groups(self) -> int:
@@ -121,22 +144,46 @@ class SlotTable:
                 errno.ENOSPC,
                 f"old-memory pool is full: {count} blocks to place, {avail} free groups",
             )
-        reuse = min(count, len(self._free))
+        st = self.state
+        nfree = st[NFREE]
+        reuse = min(count, nfree)
         out: list[int] = []
         if reuse:
-            taken = self._free[-reuse:]
-            del self._free[-reuse:]
+            taken = self.free_stack[nfree - reuse : nfree]
+            st[NFREE] = nfree - reuse
             taken.reverse()
             out = taken.tolist()
         fresh = count - reuse
         if fresh:
-            out.extend(range(self._next, self._next + fresh))
-            self._next += fresh
+            nxt = st[NEXT]
+            out.extend(range(nxt, nxt + fresh))
+            st[NEXT] = nxt + fresh
         return out
 
     def release(self, groups: list[int]) -> None:
-        """Return groups; the first of ``groups`` is handed out first next time."""
-        self._free.extend(reversed(groups))
+        """Return groups; the first of ``groups`` is handed out first next time. A retired
+        group never goes back (none should come here: only groups blocks hold are released,
+        and a block never holds a retired group)."""
+        if self.retired:
+            groups = [g for g in groups if g not in self.retired]
+        k = len(groups)
+        nfree = self.state[NFREE]
+        if nfree + k > len(self.free_stack):
+            self._grow(nfree + k)
+        self._free_view[nfree : nfree + k] = array("I", reversed(groups))
+        self.state[NFREE] = nfree + k
+
+    def _grow(self, need: int) -> None:
+        # A new, larger stack (doubling, at most one entry per group), never a resize: the C
+        # fast path holds the old one's address until on_grow hands it the new one.
+        old = self.free_stack
+        cap = min(self.ngroups, max(need, 2 * len(old), _MIN_STACK))
+        new = array("I", bytes(cap << 2))
+        height = self.state[NFREE]
+        new[:height] = old[:height]
+        self.free_stack, self._free_view = new, memoryview(new)
+        if self.on_grow is not None:
+            self.on_grow(new)
 
     def retire(self, group: int) -> None:
         """Never hand ``group`` out again (it holds a quarantined slot)."""
@@ -189,4 +236,4 @@ class SlotTable:
     def nbytes(self) -> int:
         """Bytes of daemon memory the tables take now (sparse extras excluded)."""
         return (self._group_view.nbytes + self._sum_view.nbytes
-                + len(self._free) * BYTES_PER_GROUP)
+                + len(self.free_stack) * BYTES_PER_GROUP)
