@@ -130,9 +130,9 @@ def overcommit_for_exec(path: str = OVERCOMMIT_PATH) -> Iterator[None]:
     mapping at exec. Under the default heuristic policy (0) the kernel refuses any single
     mapping larger than RAM + swap, and a capture kernel at crashkernel=192M has ~150 MiB of
     RAM and no swap yet: the exec fails ("__vm_enough_memory: ... not enough memory") and
-    nbdkit dies with SIGSEGV. For the exec only (Popen returns once it has happened) the
-    policy is "always" (1); the previous value is restored at once. Without root, or with
-    another policy set by the administrator, nothing changes.
+    nbdkit dies with SIGSEGV. While nbdkit starts the policy is "always" (1); the previous
+    value is restored as soon as it serves (or failed). Without root, or with another policy
+    set by the administrator, nothing changes.
     """
     try:
         with open(path, encoding="ascii") as fh:
@@ -181,10 +181,21 @@ class Nbdkit:
         check_socket_path(self.socket)
         remove_if_stale(self.socket)
         log.info("starting %s", " ".join(self.argv))
+        # Until nbdkit serves, not only until Popen returns: Popen returns when the exec has
+        # closed its close-on-exec pipe, before the kernel maps the new image's .bss.
+        with overcommit_for_exec():
+            self._spawn_and_wait(timeout)
+        mode = stat.S_IMODE(os.stat(self.socket).st_mode)
+        if mode & 0o077:
+            self.stop()
+            raise ServeError(f"socket {self.socket} has mode {mode:o}, expected 600")
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _spawn_and_wait(self, timeout: float) -> None:
         try:
-            with overcommit_for_exec():
-                self.proc = subprocess.Popen(self.argv, env=nbdkit_env(), umask=0o077,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(self.argv, env=nbdkit_env(), umask=0o077,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise ServeError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
@@ -204,11 +215,6 @@ class Nbdkit:
                 self.stop()
                 raise ServeError(f"nbdkit did not become ready in {timeout:.0f} s")
             time.sleep(0.02)
-        mode = stat.S_IMODE(os.stat(self.socket).st_mode)
-        if mode & 0o077:
-            self.stop()
-            raise ServeError(f"socket {self.socket} has mode {mode:o}, expected 600")
-        return self.proc.pid
 
     def _ready(self) -> bool:
         assert self.proc is not None
