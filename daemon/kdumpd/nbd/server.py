@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kdumpd.errors import ServeError
-from kdumpd.nbd.runconf import read_json
+from kdumpd.jsonfile import read_json
 from kdumpd.nbd.sockpath import check_socket_path, remove_if_stale
 
 __all__ = [
