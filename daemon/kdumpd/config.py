@@ -190,7 +190,7 @@ KEYS: dict[str, _Key] = {
                        "address ranges"),
     "copies": _Key(_int_range(1, 4), 2, "copies of every block in old memory"),
     "run_dir": _Key(_path, "/run/kdumpd", "status, socket and state files (mode 0700)"),
-    "socket": _Key(_optional_path, "", "the NBD Unix socket (default RUN_DIR/kdumpd.sock)"),
+    "socket": _Key(_optional_path, "", "the NBD Unix socket (default: RUN_DIR/kdumpd.sock)"),
     "size": _Key(_size_auto, 0, "device size; auto = the store's capacity"),
     "attach": _Key(parse_bool, False, "attach /dev/nbdX with nbd-client"),
     "as": _Key(_as, "none", "use the device as swap or as a scratch filesystem"),

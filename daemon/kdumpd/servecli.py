@@ -42,7 +42,7 @@ _SERVE_FLAGS = [
     ("--threads", "threads", "N"),
     ("--min-distance", "min_distance", "BYTES"),
     ("--status-interval", "status_interval", "SECONDS"),
-    ("--log-level", "log_level", "LEVEL"),
+    ("--log-level", "log_level", "debug|info|warning|error"),
     ("--nbdkit", "nbdkit", "PATH"),
 ]
 
