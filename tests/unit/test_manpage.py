@@ -1,5 +1,6 @@
-"""docs/kdumpd.8.md documents every flag of every command and nothing else, and every flag has
-help text: the page and ``--help`` are checked against the argparse parsers themselves."""
+"""docs/kdumpd.8.md documents every flag of every command and nothing else, every flag has help
+text (both checked against the argparse parsers themselves), and no document or source file
+points at a path outside the repository."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 from kdumpd.cli import build_parser
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "kdumpd.8.md"
+TOP = Path(__file__).resolve().parents[2]
+PAGE = TOP / "docs" / "kdumpd.8.md"
 _ITEM = re.compile(r"\*\*`(-{1,2}[\w-]+|[A-Z]+)`\*\*")
 
 
@@ -60,3 +62,26 @@ def test_every_flag_has_help() -> None:
             if name == "serve" and action.option_strings and action.nargs != 0 \
                     and not isinstance(action, argparse.BooleanOptionalAction):
                 assert "default" in action.help, f"serve {what} does not say its default"
+
+
+# Notes kept beside the project while it was written; a user of the project has none of them.
+_OUTSIDE = re.compile(r"/work/|\.\./shared|shared/docs|shared notes|measured\.md|style\.md")
+
+
+def test_no_file_points_outside_the_repository() -> None:
+    me = Path(__file__).resolve()
+    bad = []
+    for top in ("README.md", "docs", "daemon", "nbd_plugin", "initramfs-hooks", "tests", "bench",
+                "scripts"):
+        root = TOP / top
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if not path.is_file() or path == me or "data" in path.relative_to(TOP).parts \
+                    or path.suffix in (".so", ".pyc", ".gz", ".xz", ".zst"):
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            bad += [f"{path.relative_to(TOP)}:{n}" for n, line in enumerate(text.splitlines(), 1)
+                    if _OUTSIDE.search(line)]
+    assert not bad
