@@ -4,6 +4,7 @@ paths agree under threads and corruption. Needs the cffi kernels (gcc, libxxhash
 from __future__ import annotations
 
 import ctypes
+import functools
 import random
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require
-from tests.unit.test_store_support import block_data, cffi_block_sums, make_store
+from tests.unit.test_store_support import block_data, cffi_block_sums, make_store, run_threads
 
 from kdumpd.errors import BackendError, RefusedError
 from kdumpd.oldmem.base import Guarded
@@ -205,39 +206,33 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
                               fast=True)
     fast = store.fast_path
     assert fast is not None
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
     def worker(wid: int) -> None:
-        try:
-            rng = random.Random(wid)
-            base = wid * 256
-            model = bytearray(256 * BS)
-            for i in range(400):
-                b = rng.randrange(252)
-                n = rng.randint(1, 4)
-                op = rng.random()
-                if op < 0.35:
-                    data = block_data(wid * 100000 + i, n)
-                    if not fast.write_request((base + b) * BS, memoryview(data)):
-                        store.write((base + b) * BS, data)
-                    model[b * BS : (b + n) * BS] = data
-                elif op < 0.45:
-                    off, data = rng.randrange(n * BS), rng.randbytes(rng.randint(1, 3000))
-                    store.write((base + b) * BS + off, data)
-                    model[b * BS + off : b * BS + off + len(data)] = data
-                elif op < 0.5:
-                    store.trim((base + b) * BS, n * BS)
-                    model[b * BS : (b + n) * BS] = bytes(n * BS)
-                else:
-                    buf = bytearray(n * BS)
-                    if not fast.read_request((base + b) * BS, memoryview(buf)):
-                        store.readinto((base + b) * BS, buf)
-                    assert buf == model[b * BS : (b + n) * BS], f"worker {wid} block {base + b}"
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        rng = random.Random(wid)
+        base = wid * 256
+        model = bytearray(256 * BS)
+        for i in range(400):
+            b = rng.randrange(252)
+            n = rng.randint(1, 4)
+            op = rng.random()
+            if op < 0.35:
+                data = block_data(wid * 100000 + i, n)
+                if not fast.write_request((base + b) * BS, memoryview(data)):
+                    store.write((base + b) * BS, data)
+                model[b * BS : (b + n) * BS] = data
+            elif op < 0.45:
+                off, data = rng.randrange(n * BS), rng.randbytes(rng.randint(1, 3000))
+                store.write((base + b) * BS + off, data)
+                model[b * BS + off : b * BS + off + len(data)] = data
+            elif op < 0.5:
+                store.trim((base + b) * BS, n * BS)
+                model[b * BS : (b + n) * BS] = bytes(n * BS)
+            else:
+                buf = bytearray(n * BS)
+                if not fast.read_request((base + b) * BS, memoryview(buf)):
+                    store.readinto((base + b) * BS, buf)
+                assert buf == model[b * BS : (b + n) * BS], f"worker {wid} block {base + b}"
 
-    def scrubber() -> None:
+    def scrubber(stop: threading.Event) -> None:
         b = 0
         while not stop.is_set():
             nxt = store.next_written(b)
@@ -245,7 +240,7 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
             store.verify_block(b)
             b = (b + 1) % store.nblocks
 
-    def damage() -> None:
+    def damage(stop: threading.Event) -> None:
         rng = random.Random(99)
         while not stop.is_set():
             b = rng.randrange(1024)
@@ -253,16 +248,7 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
             if where is not None:
                 image.flip_bits(where[1], 1, rng=rng)  # copy 1 only: always repairable
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    helpers = [threading.Thread(target=scrubber), threading.Thread(target=damage)]
-    for t in threads + helpers:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    for t in helpers:
-        t.join()
-    assert not errors, errors[0]
+    run_threads([functools.partial(worker, w) for w in range(4)], [scrubber, damage])
     for b in range(store.nblocks):  # every copy of every block holds the last write
         assert store.verify_block(b) is not BlockCheck.LOST
     st = store.stats()
