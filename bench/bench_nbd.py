@@ -30,8 +30,8 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP / "daemon"))
 
-from kdumpd.nbd.runconf import RunConf  # noqa: E402
 from kdumpd.nbd.server import PLUGIN_PATH, nbdkit_env  # noqa: E402
+from kdumpd.serve.runconf import RunConf  # noqa: E402
 from kdumpd.units import Extent, PhysRange  # noqa: E402
 
 MiB = 1 << 20

@@ -2,14 +2,15 @@
 
     nbdkit [--swap] -U SOCKET python kdumpd_plugin.py runconf=RUN_DIR/runconf.json [pkgdir=DIR]
 
-Thin on purpose: parse the config, build :class:`kdumpd.nbd.service.Service` from the run
+Thin on purpose: parse the config, build :class:`kdumpd.serve.export.Service` from the run
 configuration ``kdumpd serve`` wrote, map each callback to the store, map errors to errno with
 ``nbdkit.set_error``. It runs as ``__main__`` inside nbdkit's embedded interpreter (Debian's
 /usr/bin/python3), so it uses absolute imports and finds the package itself (see
 ``_import_kdumpd``).
 
 Performance: nbdkit's worker threads have no Python thread state, so CPython creates and
-destroys one around every callback (~30 us: measured.md). :func:`_keep_thread_state` takes one
+destroys one around every callback (QD1 4 KiB reads: 59 us without the fix below, 37 us with
+it; nbd_plugin/README.md says how it was measured). :func:`_keep_thread_state` takes one
 extra, never-released ``PyGILState_Ensure`` per worker thread, once, so the thread state lives
 as long as the thread and a callback only takes and drops the GIL.
 """
@@ -28,7 +29,7 @@ import nbdkit
 API_VERSION = 2
 
 _params: dict[str, str] = {}
-_service: Any = None  # kdumpd.nbd.service.Service, once get_ready has run
+_service: Any = None  # kdumpd.serve.export.Service, once get_ready has run
 _size = 0
 _fast_read: Any = None  # the store's C fast path (None: Python only), tried first
 _fast_write: Any = None
@@ -52,7 +53,7 @@ def _record_error(exc: BaseException) -> None:
     if run_dir is None:
         return
     try:
-        from kdumpd.nbd.service import write_error
+        from kdumpd.serve.export import write_error
 
         write_error(os.path.join(run_dir, "error.json"), exc)
     except Exception:
@@ -122,9 +123,9 @@ def get_ready() -> None:
     global _fast_read, _fast_write
     try:
         from kdumpd.nbd.protect import protect_process
-        from kdumpd.nbd.runconf import RunConf
         from kdumpd.nbd.selftest import run_selftest
-        from kdumpd.nbd.service import Service, errno_for
+        from kdumpd.serve.export import Service, errno_for
+        from kdumpd.serve.runconf import RunConf
 
         rc = RunConf.read(_runconf)
         if rc.selftest:

@@ -29,6 +29,7 @@ from kdumpd.safety.gate import MCE_POLICIES
 from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
 from kdumpd.safety.kdumpconf import discover
 from kdumpd.servecli import add_serve_commands
+from kdumpd.units import human_size
 from kdumpd.vmcore.core import Vmcore, open_vmcore
 
 __all__ = ["main"]
@@ -163,14 +164,6 @@ def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
         bar.close()
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def cmd_survey(args: argparse.Namespace) -> int:
     plan, refusal = _build_plan(args)
     # Refused, the counts are those dump level 31 would give (for reference); the header and
@@ -198,7 +191,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
     if refusal:
         print(f"reusable: none: refused by {refusal}")
     else:
-        print(f"reusable: {plan.reusable_pages} pages ({_fmt_bytes(plan.reusable_bytes)}) "
+        print(f"reusable: {plan.reusable_pages} pages ({human_size(plan.reusable_bytes)}) "
               f"in {len(plan.extents)} extents")
     for rule in plan.features.get("safety_rules", []):
         print(f"safety: {rule}")
@@ -217,7 +210,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     write_extents_file(args.extents, plan.extents, inputs)
     where = "standard output" if args.extents == STDOUT else args.extents
     print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
-          f"({_fmt_bytes(plan.reusable_bytes)}) written to {where}", file=sys.stderr)
+          f"({human_size(plan.reusable_bytes)}) written to {where}", file=sys.stderr)
     return 0
 
 

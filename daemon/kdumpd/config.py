@@ -10,8 +10,8 @@ every error names the key and the source, e.g.::
     --size 12345: size must be a multiple of 4096 bytes
 
 The file is ``key = value`` lines; ``#`` starts a comment; dashes and underscores in keys are
-the same. ``docs/kdumpd.conf.example`` documents every key. This module imports only
-``errors``.
+the same. ``docs/kdumpd.conf.example`` documents every key. This module imports ``errors``,
+``cmdline`` and the backend spec's parser (``oldmem.spec``, pure) only.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from typing import Any
 
 from kdumpd.cmdline import iter_cmdline_params
 from kdumpd.errors import ConfigError
+from kdumpd.oldmem.spec import parse_backend
 
 __all__ = [
     "DEFAULT_PATH",
     "KEYS",
     "Config",
     "format_size",
-    "human_size",
     "load_config",
+    "load_serve_config",
     "parse_bool",
     "parse_kernel_cmdline",
     "parse_size",
@@ -62,16 +63,6 @@ def format_size(nbytes: int) -> str:
         if nbytes and nbytes % _SIZE_UNITS[unit] == 0:
             return f"{nbytes // _SIZE_UNITS[unit]}{unit}"
     return str(nbytes)
-
-
-def human_size(nbytes: int) -> str:
-    """For people: '331.7 MiB', '4.0 KiB', '512 B'."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 def parse_bool(text: str) -> bool:
@@ -123,12 +114,7 @@ def _optional_path(text: str) -> str:
 
 
 def _backend(text: str) -> str:
-    t = text.strip()
-    if t in ("auto", "vmcore", "devmem"):
-        return t
-    if t.startswith("image:") and len(t) > len("image:"):
-        return t
-    raise ValueError(f"must be auto, vmcore, devmem or image:FILE, not {text!r}")
+    return str(parse_backend(text))
 
 
 def _size_auto(text: str) -> int:
@@ -204,7 +190,7 @@ KEYS: dict[str, _Key] = {
                        "address ranges"),
     "copies": _Key(_int_range(1, 4), 2, "copies of every block in old memory"),
     "run_dir": _Key(_path, "/run/kdumpd", "status, socket and state files (mode 0700)"),
-    "socket": _Key(_optional_path, "", "the NBD Unix socket (default RUN_DIR/kdumpd.sock)"),
+    "socket": _Key(_optional_path, "", "the NBD Unix socket (default: RUN_DIR/kdumpd.sock)"),
     "size": _Key(_size_auto, 0, "device size; auto = the store's capacity"),
     "attach": _Key(parse_bool, False, "attach /dev/nbdX with nbd-client"),
     "as": _Key(_as, "none", "use the device as swap or as a scratch filesystem"),
@@ -385,6 +371,32 @@ def load_config(
             sources[k] = where
     _check_together(values, sources)
     return Config(values, sources)
+
+
+def load_serve_config(
+    flags: Mapping[str, str],
+    *,
+    config_path: str | None = None,
+    cmdline_path: str | None = None,
+) -> Config:
+    """The configuration of serve, status and stop: :func:`load_config` over the files the
+    user named. An explicit ``config_path`` or ``cmdline_path`` must exist and be readable (a
+    file the user named that is missing is a mistake, not "no settings"); the defaults
+    (/etc/kdumpd.conf, /proc/cmdline) may be absent."""
+    cmdline: str | None = None
+    if cmdline_path is not None:
+        try:
+            with open(cmdline_path, "rb") as fh:
+                cmdline = fh.read().decode("utf-8", "replace").replace("\0", " ")
+        except OSError as exc:
+            raise ConfigError(f"kernel command line file {cmdline_path}: "
+                              f"{exc.strerror}") from None
+    return load_config(
+        flags,
+        path=config_path or DEFAULT_PATH,
+        path_required=config_path is not None,
+        cmdline=cmdline,
+    )
 
 
 def _check_together(values: dict[str, Any], sources: dict[str, str]) -> None:

@@ -2,8 +2,9 @@
 
 Apart from cli.py so that each stays one job: this part maps flags onto configuration keys
 (every flag's help is the key's own help and default, from kdumpd.config, so the two cannot
-drift) and formats the daemon's status. The daemon module is imported only when one of these
-commands runs: survey, plan and dmesg stay free of the store, nbd and systemd imports.
+drift), loads the configuration, calls :mod:`kdumpd.serve` and formats the daemon's status.
+``kdumpd.serve`` is imported only when one of these commands runs: survey, plan and dmesg stay
+free of the store, nbd and systemd imports.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kdumpd.config import KEYS, Config, format_size, human_size
+from kdumpd.config import KEYS, Config, format_size, load_serve_config
 from kdumpd.errors import NotRunningError
+from kdumpd.oldmem.spec import BACKEND_SYNTAX
+from kdumpd.units import human_size
 
 __all__ = ["add_serve_commands"]
 
 # serve flag -> config key; every flag defaults to None so that only given flags override the
 # config file and the kernel command line (see kdumpd.config for the precedence).
 _SERVE_FLAGS = [
-    ("--backend", "backend", "image:FILE|devmem|vmcore|auto"),
+    ("--backend", "backend", BACKEND_SYNTAX),
     ("--socket", "socket", "PATH"),
     ("--copies", "copies", "N"),
     ("--run-dir", "run_dir", "DIR"),
@@ -39,7 +42,7 @@ _SERVE_FLAGS = [
     ("--threads", "threads", "N"),
     ("--min-distance", "min_distance", "BYTES"),
     ("--status-interval", "status_interval", "SECONDS"),
-    ("--log-level", "log_level", "LEVEL"),
+    ("--log-level", "log_level", "debug|info|warning|error"),
     ("--nbdkit", "nbdkit", "PATH"),
 ]
 
@@ -79,26 +82,23 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, str]:
     return flags
 
 
-def _daemon() -> Any:
-    from kdumpd import daemon
-
-    return daemon
-
-
 def _serve_config(args: argparse.Namespace) -> Config:
-    cfg: Config = _daemon().load_serve_config(_serve_flags(args), config_path=args.config,
-                                              cmdline_path=args.kernel_cmdline)
-    return cfg
+    return load_serve_config(_serve_flags(args), config_path=args.config,
+                             cmdline_path=args.kernel_cmdline)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    rc: int = _daemon().serve(_serve_config(args))
-    return rc
+    cfg = _serve_config(args)
+    from kdumpd.serve.lifecycle import serve
+
+    return serve(cfg)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        st = _daemon().read_status(_serve_config(args).run_dir)
+        from kdumpd.serve.control import read_status
+
+        st = read_status(_serve_config(args).run_dir)
     except NotRunningError as exc:
         if args.json:  # scripts get an object to read whatever the state
             print(json.dumps({"running": False, "state": "not running", "reason": str(exc)},
@@ -134,7 +134,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    print(_daemon().stop(_serve_config(args).run_dir, timeout=args.timeout))
+    run_dir = _serve_config(args).run_dir
+    from kdumpd.serve.control import stop
+
+    print(stop(run_dir, timeout=args.timeout))
     return 0
 
 

@@ -1,35 +1,25 @@
-"""Unit-carrying integer types and the half-open extent used everywhere.
+"""The page size, the half-open extent and the physical range used everywhere, and the one
+formatter of byte counts for people.
 
-Every integer in kdumpd says what it counts (pfn, physical address, file offset, block), so
-that a page number can never be passed where a byte address is expected without a visible
-conversion.
+An :class:`Extent` counts page frames, a :class:`PhysRange` counts physical bytes and the file
+offset they are stored at; their properties (``start_paddr``, ``npages``, ``offset_of``)
+convert. Imports nothing from kdumpd.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NewType
 
 __all__ = [
     "PAGE_SHIFT",
     "PAGE_SIZE",
-    "BlockNo",
     "Extent",
-    "FileOffset",
-    "PhysAddr",
-    "Pfn",
-    "VirtAddr",
     "PhysRange",
     "coalesce",
+    "human_size",
     "iter_pfn_chunks",
 ]
-
-Pfn = NewType("Pfn", int)
-PhysAddr = NewType("PhysAddr", int)
-VirtAddr = NewType("VirtAddr", int)
-FileOffset = NewType("FileOffset", int)
-BlockNo = NewType("BlockNo", int)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -99,3 +89,15 @@ def iter_pfn_chunks(start_pfn: int, end_pfn: int, chunk: int) -> Iterator[tuple[
         nxt = min(end_pfn, pfn + chunk)
         yield pfn, nxt
         pfn = nxt
+
+
+def human_size(nbytes: int) -> str:
+    """A byte count for people, in binary units with one decimal: '512 B', '4.0 KiB',
+    '331.7 MiB', '1.5 TiB'. Every size kdumpd prints (survey, plan, status, logs) goes through
+    here."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -9,7 +9,7 @@ Fixtures:
 - ``serve``: starts ``kdumpd serve`` (the CLI, in the foreground, as systemd would) and waits
   until ``kdumpd status`` says it serves; stops it at the end of the test.
 - ``single``: a libnbd handle on ``nbdkit -s --exit-with-parent`` running the plugin over a run
-  configuration that ``kdumpd.daemon.prepare`` wrote, no daemon in between.
+  configuration that ``kdumpd.serve.prepare.prepare`` wrote, no daemon in between.
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ def serve(vmcore: Path, image: Path, tmp_path: Path) -> Iterator[Callable[..., S
 
 @pytest.fixture(scope="session")
 def prepared(vmcore: Path, image: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A run configuration for the plugin (copies 2, 64 MiB device), from daemon.prepare."""
-    from kdumpd.daemon import load_serve_config, prepare
+    """A run configuration for the plugin (copies 2, 64 MiB device), from serve.prepare."""
+    from kdumpd.config import load_serve_config
+    from kdumpd.serve.prepare import prepare
 
     run_dir = tmp_path_factory.mktemp("single")
     cfg = load_serve_config(

@@ -109,8 +109,9 @@ def test_full_pool_is_enospc_not_corruption(vmcore, image, tmp_path) -> None:
     data stays intact."""
     import os
 
-    from kdumpd.daemon import load_serve_config, prepare
+    from kdumpd.config import load_serve_config
     from kdumpd.nbd.server import nbdkit_argv, nbdkit_env
+    from kdumpd.serve.prepare import prepare
 
     cfg = load_serve_config(
         {"vmcore": str(vmcore), "backend": f"image:{image}", "run_dir": str(tmp_path),

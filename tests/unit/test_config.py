@@ -8,13 +8,13 @@ import pytest
 from kdumpd.config import (
     KEYS,
     format_size,
-    human_size,
     load_config,
     parse_config_file,
     parse_kernel_cmdline,
     parse_size,
 )
 from kdumpd.errors import ConfigError
+from kdumpd.units import human_size
 
 
 def load(tmp_path, conf: str = "", cmdline: str = "", flags: dict[str, str] | None = None):

@@ -1,3 +1,8 @@
+"""Extents: mask runs are half-open, the builder merges across chunk boundaries and withdraws
+ranges exactly, and coalesce() and Extent() keep extents sorted, merged and non-empty."""
+
+from __future__ import annotations
+
 import pytest
 
 from kdumpd.mm.extents import ExtentBuilder, mask_runs

@@ -1,32 +1,46 @@
-"""Data flows one way: vmcore -> xlat -> mm -> plan -> store -> nbd. An AST scan enforces it."""
+"""Data flows one way, flags -> config -> plan -> store -> serve: an AST scan of every module
+proves no import runs back up, that only the CLI imports ``serve``, that nothing imports the
+CLI, and that the supervisor and the plugin's export load none of the planner."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "daemon" / "kdumpd"
 
-# module group -> kdumpd groups it may import
+# module group (top-level module or package under kdumpd/) -> kdumpd groups it may import
+_BOTTOM = {"errors", "units"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "units": set(),
     "phases": set(),
-    "vmcore": {"errors", "units", "vmcore"},
-    "xlat": {"errors", "units", "vmcore", "xlat"},
-    "mm": {"errors", "units", "vmcore", "xlat", "mm"},
-    "crash": {"errors", "units", "vmcore", "xlat", "crash"},
-    "plan": {"errors", "units", "vmcore", "xlat", "mm", "crash"},
-    "extentsfile": {"errors", "units"},
-    "safety": {"errors", "units", "vmcore", "mm", "crash", "safety"},
-    "safeplan": {"errors", "units", "vmcore", "mm", "crash", "safety", "plan"},
     "cmdline": set(),
-    "config": {"errors", "config", "cmdline"},
-    "journal": {"errors", "journal"},
-    "nbd": {"plan", "store", "oldmem", "journal", "errors", "units", "nbd"},
-    "oldmem": {"errors", "units", "oldmem", "cmdline"},
-    "store": {"errors", "units", "oldmem", "store"},
+    "journal": set(),
+    "jsonfile": {"errors"},
+    "vmcore": _BOTTOM | {"vmcore"},
+    "xlat": _BOTTOM | {"vmcore", "xlat"},
+    "mm": _BOTTOM | {"vmcore", "xlat", "mm"},
+    "crash": _BOTTOM | {"vmcore", "xlat", "crash"},
+    "plan": _BOTTOM | {"vmcore", "xlat", "mm", "crash"},
+    "extentsfile": _BOTTOM,
+    "safety": _BOTTOM | {"vmcore", "mm", "crash", "safety"},
+    "safeplan": _BOTTOM | {"vmcore", "mm", "crash", "safety", "plan"},
+    "oldmem": _BOTTOM | {"oldmem", "cmdline"},
+    # config checks the backend spec with oldmem.spec (pure), nothing else of oldmem
+    "config": {"errors", "config", "cmdline", "oldmem"},
+    "store": _BOTTOM | {"oldmem", "store"},
+    "nbd": _BOTTOM | {"store", "oldmem", "journal", "jsonfile", "nbd"},
+    "serve": _BOTTOM | {"vmcore", "plan", "safeplan", "store", "oldmem", "nbd", "journal",
+                        "jsonfile", "config", "phases", "serve"},
+    # the command line: parses flags and calls down
+    "servecli": _BOTTOM | {"config", "oldmem", "serve"},
+    "cli": _BOTTOM | {"vmcore", "plan", "safeplan", "safety", "extentsfile", "servecli"},
+    "__main__": _BOTTOM | {"cli"},
 }
+_CLI = {"cli", "servecli", "__main__"}
 
 
 def _group(path: Path) -> str:
@@ -47,11 +61,19 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def _modules() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if not p.name.startswith("_build_"))
+
+
+def test_every_module_has_a_place_in_the_order() -> None:
+    assert {_group(p) for p in _modules()} - {"__init__"} <= set(ALLOWED)
+
+
 def test_imports_follow_the_data_flow() -> None:
     violations = []
-    for path in sorted(PKG.rglob("*.py")):
+    for path in _modules():
         group = _group(path)
-        if group not in ALLOWED:
+        if group == "__init__":
             continue
         bad = _imports(path) - ALLOWED[group]
         if bad:
@@ -59,6 +81,38 @@ def test_imports_follow_the_data_flow() -> None:
     assert not violations, violations
 
 
+def test_only_the_cli_imports_serve() -> None:
+    users = [str(p.relative_to(PKG)) for p in _modules()
+             if _group(p) not in _CLI | {"serve"} and "serve" in _imports(p)]
+    assert not users
+
+
 def test_nothing_imports_the_cli() -> None:
     users = [p for p in PKG.rglob("*.py") if p.name != "__main__.py" and "cli" in _imports(p)]
     assert not users
+
+
+def _loaded_by(module: str) -> set[str]:
+    code = (f"import sys; sys.path.insert(0, {str(PKG.parent)!r}); import {module}; "
+            "print('\\n'.join(m for m in sys.modules if m.startswith('kdumpd')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return set(proc.stdout.split())
+
+
+_PLANNER = {"kdumpd.plan", "kdumpd.safeplan", "kdumpd.config", "kdumpd.vmcore", "kdumpd.mm",
+            "kdumpd.xlat", "kdumpd.serve.prepare", "kdumpd.serve.lifecycle"}
+
+
+def test_the_supervisor_loads_no_planner_and_no_store() -> None:
+    """After READY the daemon execs the supervisor to shed the planner's memory: it must not
+    load it (or the store) back."""
+    loaded = _loaded_by("kdumpd.serve.supervise")
+    assert not loaded & (_PLANNER | {"kdumpd.store", "kdumpd.oldmem", "kdumpd.serve.export"})
+    assert "kdumpd.serve.teardown" in loaded
+
+
+def test_the_plugins_export_loads_no_planner() -> None:
+    loaded = _loaded_by("kdumpd.serve.export")
+    assert not loaded & _PLANNER
+    assert "kdumpd.store.blockstore" in loaded

@@ -1,13 +1,19 @@
 """Scrubber: bounded steps, full passes that repair what reads never look at, lost blocks
-reported not raised, and a background thread that keeps to its rate."""
+reported not raised, and a background thread that keeps to its rate from above and below."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 import pytest
-from tests.unit.test_store_support import block_data, good_copies, make_store
+from tests.unit.test_store_support import (
+    block_data,
+    good_copies,
+    make_store,
+    thread_exceptions_fail,
+)
 
 from kdumpd.store.scrub import Scrubber
 from kdumpd.units import PAGE_SIZE
@@ -76,20 +82,42 @@ def test_empty_store_and_trimmed_blocks(store3) -> None:
     assert scrub.report().blocks_checked == 2
 
 
-def test_background_thread_keeps_to_its_rate(store3) -> None:
+def test_background_thread_is_never_faster_than_its_rate(store3) -> None:
     store, _ = store3
     store.write(0, block_data(5, 512))
     rate = 1 << 20  # 1 MiB/s: about 85 blocks of 3 copies per second
     scrub = Scrubber(store, rate_bytes_per_s=rate, tick_s=0.02)
     t0 = time.monotonic()
-    scrub.start()
-    with pytest.raises(RuntimeError):
+    with thread_exceptions_fail():
         scrub.start()
-    time.sleep(0.5)
-    scrub.stop()
+        with pytest.raises(RuntimeError):
+            scrub.start()
+        time.sleep(0.5)
+        scrub.stop()
     elapsed = time.monotonic() - t0
     done = scrub.report().bytes_read
-    assert 0 < done <= rate * elapsed + 2 * rate * 0.02 + 3 * BS
+    assert done <= rate * elapsed + 2 * rate * 0.02 + 3 * BS
+
+
+def test_run_reads_what_its_rate_allows(store3) -> None:
+    """On a clock that advances one tick per loop, k loops earn ``rate * tick * k`` bytes, and
+    the scrubber reads all of them but less than one block (the rest waits for more tokens):
+    it keeps to its rate from below too, however loaded the machine is."""
+    store, _ = store3
+    store.write(0, block_data(5, 512))  # 6 MiB of copies: no pass ends within this test
+    rate, tick = 1 << 20, 0.02
+    calls = itertools.count()
+    scrub = Scrubber(store, rate_bytes_per_s=rate, tick_s=tick,
+                     clock=lambda: next(calls) * tick)
+    with thread_exceptions_fail():
+        scrub.start()
+        time.sleep(0.3)
+        scrub.stop()
+    loops = next(calls) - 1  # the first call only starts the clock
+    earned = rate * tick * (loops - 1)  # the last loop's tokens may not have been spent yet
+    assert loops > 2
+    assert earned - 3 * BS <= scrub.report().bytes_read <= rate * tick * loops
+    assert scrub.report().passes == 0
 
 
 def test_rate_must_be_positive(store3) -> None:
@@ -103,11 +131,12 @@ def test_run_until_stopped_from_another_thread(store3) -> None:
     image.flip_bits(store.locate(4)[2], 1)
     scrub = Scrubber(store, rate_bytes_per_s=64 << 20, tick_s=0.01)
     stop = threading.Event()
-    t = threading.Thread(target=scrub.run, args=(stop,))
-    t.start()
-    deadline = time.monotonic() + 10
-    while store.stats().repaired == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stop.set()
-    t.join()
+    with thread_exceptions_fail():
+        t = threading.Thread(target=scrub.run, args=(stop,))
+        t.start()
+        deadline = time.monotonic() + 10
+        while store.stats().repaired == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        t.join()
     assert store.stats().repaired == 1

@@ -8,6 +8,7 @@ fallback the daemon may ship with is exercised as much as the fast path.
 from __future__ import annotations
 
 import errno
+import functools
 import random
 import sys
 import threading
@@ -21,6 +22,7 @@ from tests.unit.test_store_support import (
     good_copies,
     make_image,
     make_store,
+    run_threads,
 )
 
 from kdumpd.errors import BackendError, ConfigError, IntegrityError, RefusedError
@@ -392,43 +394,29 @@ def test_lost_write_on_one_copy_is_caught_on_read(tmp_path, sums) -> None:
 
 def test_concurrent_readers_writers_and_scrub(tmp_path, sums) -> None:
     store, image = make_store(tmp_path, copies=2, pool_pages=8192, nblocks=1024, sums=sums)
-    errors: list[BaseException] = []
 
     def worker(wid: int) -> None:
-        try:
-            rng = random.Random(wid)
-            base = wid * 256
-            model = {}
-            for i in range(300):
-                b = base + rng.randrange(256)
-                n = rng.randint(1, min(4, base + 256 - b))
-                if rng.random() < 0.5:
-                    store.write(b * BS, block_data(wid * 10000 + i, n))
-                    for k in range(n):
-                        model[b + k] = block_data(wid * 10000 + i, n)[k * BS : (k + 1) * BS]
-                else:
-                    got = store.read(b * BS, n * BS)
-                    for k in range(n):
-                        assert got[k * BS : (k + 1) * BS] == model.get(b + k, bytes(BS))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        rng = random.Random(wid)
+        base = wid * 256
+        model = {}
+        for i in range(300):
+            b = base + rng.randrange(256)
+            n = rng.randint(1, min(4, base + 256 - b))
+            if rng.random() < 0.5:
+                store.write(b * BS, block_data(wid * 10000 + i, n))
+                for k in range(n):
+                    model[b + k] = block_data(wid * 10000 + i, n)[k * BS : (k + 1) * BS]
+            else:
+                got = store.read(b * BS, n * BS)
+                for k in range(n):
+                    assert got[k * BS : (k + 1) * BS] == model.get(b + k, bytes(BS))
 
     def scrubber(stop: threading.Event) -> None:
         while not stop.is_set():
             for b in range(0, 1024, 3):
                 store.verify_block(b)
 
-    stop = threading.Event()
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    scrub = threading.Thread(target=scrubber, args=(stop,))
-    scrub.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    scrub.join()
-    assert errors == []
+    run_threads([functools.partial(worker, w) for w in range(4)], [scrubber])
     st = store.stats()
     assert st.corruptions_detected == 0 and st.lost_blocks == 0
     store.close()
@@ -487,11 +475,7 @@ def test_yielding_mutex_excludes_under_forced_gil_switches() -> None:
                 state["inside"] -= 1
 
     try:
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads([worker] * 4)
     finally:
         sys.setswitchinterval(old)
     assert state["n"] == 8000 and state["max_inside"] == 1

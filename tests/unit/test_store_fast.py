@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import random
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require
-from tests.unit.test_store_support import block_data, cffi_block_sums, make_store
+from tests.unit.test_store_support import block_data, cffi_block_sums, make_store, run_threads
 
 from kdumpd.errors import BackendError, RefusedError
 from kdumpd.oldmem.base import Guarded
@@ -375,7 +376,6 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
     assert fast is not None
     errors: list[BaseException] = []
     first_in_c = [0] * 4
-    stop = threading.Event()
 
     def worker(wid: int) -> None:
         try:
@@ -419,7 +419,7 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    def scrubber() -> None:
+    def scrubber(stop: threading.Event) -> None:
         try:
             b = 0
             while not stop.is_set():
@@ -430,7 +430,7 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    def damage() -> None:
+    def damage(stop: threading.Event) -> None:
         try:
             rng = random.Random(99)
             while not stop.is_set():
@@ -441,15 +441,7 @@ def test_threads_mixing_both_paths_under_corruption_never_see_wrong_data(tmp_pat
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    helpers = [threading.Thread(target=scrubber), threading.Thread(target=damage)]
-    for t in threads + helpers:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    for t in helpers:
-        t.join()
+    run_threads([functools.partial(worker, w) for w in range(4)], [scrubber, damage])
     assert not errors, errors[0]
     for b in range(store.nblocks):  # every copy of every block holds the last write
         assert store.verify_block(b) is not BlockCheck.LOST

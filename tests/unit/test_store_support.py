@@ -9,8 +9,11 @@ something to refuse.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,48 @@ FILE_OFFSET = 0x3000  # where the first range starts in the file (an ELF header 
 UNGRANTED = 16  # pages at the start of each range that the plan does not grant
 
 _cffi_cache: dict[str, BlockSums | None] = {}
+
+
+@contextlib.contextmanager
+def thread_exceptions_fail() -> Iterator[None]:
+    """Fail the test with the first exception any thread raised inside the block (threads the
+    code under test starts too, such as the scrubber's). Without this, an exception in a
+    thread is printed and dropped, and the test passes."""
+    caught: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            caught.append(args.exc_value)
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    if caught:
+        caught[0].add_note(f"raised in a thread ({len(caught)} thread(s) failed)")
+        raise caught[0]
+
+
+def run_threads(workers: Sequence[Callable[[], object]],
+                background: Sequence[Callable[[threading.Event], object]] = ()) -> None:
+    """Run each worker in its own thread, and each background function (given a stop Event)
+    until the workers are done; then re-raise the first exception any of them raised."""
+    stop = threading.Event()
+    with thread_exceptions_fail():
+        helpers = [threading.Thread(target=fn, args=(stop,)) for fn in background]
+        threads = [threading.Thread(target=fn) for fn in workers]
+        for t in helpers + threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        finally:
+            stop.set()
+            for t in helpers:
+                t.join()
 
 
 def layout(pool_pages: int) -> tuple[list[PhysRange], list[Extent], int]:

@@ -1,3 +1,8 @@
+"""VMCOREINFO parsing: every key kind (SYMBOL, SIZE, OFFSET, LENGTH, NUMBER in decimal and
+hex, negative values) reads right, a missing key is named, and garbage is a VmcoreError."""
+
+from __future__ import annotations
+
 import pytest
 
 from kdumpd.errors import LayoutError, VmcoreError

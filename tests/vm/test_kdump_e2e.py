@@ -101,7 +101,7 @@ def test_pyfiles_takes_what_kdumpd_imports_and_nothing_of_the_host() -> None:
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     dests = [line.split("\t")[1] for line in proc.stdout.splitlines()]
-    assert any(d.endswith("/kdumpd/daemon.py") for d in dests)
+    assert any(d.endswith("/kdumpd/serve/lifecycle.py") for d in dests)
     assert any(d.endswith("/kdumpd/store/_blocksum.cpython-311-x86_64-linux-gnu.so")
                for d in dests), "the store's cffi module (imported by name) is missing"
     assert any(d.endswith("/kdumpd/mm/_classify.cpython-311-x86_64-linux-gnu.so")

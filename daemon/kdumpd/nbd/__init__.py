@@ -1,8 +1,8 @@
-"""Serving the store over NBD: the run-directory contract, the store service that runs inside
-nbdkit, the startup self-test, process protections, and the nbdkit / nbd-client / mkswap /
-mkfs command lines.
+"""NBD itself: the nbdkit command line and process, the nbd-client attach, mkswap/swapon and
+mkfs/mount (:mod:`~kdumpd.nbd.server`), the NBD socket's path and handshake probe
+(:mod:`~kdumpd.nbd.sockpath`), the store's self-test (:mod:`~kdumpd.nbd.selftest`) and the
+process protections (:mod:`~kdumpd.nbd.protect`).
 
-Imports ``plan``, ``store``, ``oldmem``, ``journal``, ``errors`` and ``units`` only. The plugin
-itself (``nbd_plugin/kdumpd_plugin.py``, top level) stays a thin table of callbacks over
-:class:`kdumpd.nbd.service.Service`.
+Imports ``store``, ``oldmem``, ``jsonfile``, ``errors`` and ``units`` only; what a serve run
+does with these pieces is :mod:`kdumpd.serve`.
 """

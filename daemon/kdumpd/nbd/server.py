@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kdumpd.errors import ServeError
-from kdumpd.nbd.runconf import read_json
+from kdumpd.jsonfile import read_json
 from kdumpd.nbd.sockpath import check_socket_path, remove_if_stale
 
 __all__ = [

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 
-from kdumpd.nbd.runconf import RunConf
+from kdumpd.serve.runconf import RunConf
 from kdumpd.store.placement import Placement
 
 PAGE = 4096

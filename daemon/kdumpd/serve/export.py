@@ -1,4 +1,4 @@
-"""The store as nbdkit serves it: backend, placement, store, scrubber and the status file.
+"""The export: the store as nbdkit serves it (backend, placement, store, scrubber, status file).
 
 :class:`Service` is what the plugin holds. It is built in nbdkit's ``get_ready`` (before any
 connection; a failure there makes nbdkit exit and is written to ``error.json`` for the daemon),
@@ -25,48 +25,20 @@ import threading
 import time
 from typing import Any
 
-from kdumpd.errors import ConfigError, IntegrityError, KdumpdError, RefusedError
-from kdumpd.nbd.runconf import RunConf, atomic_write_json
-from kdumpd.oldmem.base import OldMem, identity_ranges
-from kdumpd.oldmem.devmem import DevMem
-from kdumpd.oldmem.image import ImageOldMem
-from kdumpd.oldmem.vmcore_rw import VmcoreRW
+from kdumpd.errors import IntegrityError, KdumpdError, RefusedError
+from kdumpd.jsonfile import atomic_write_json
+from kdumpd.oldmem.backend import open_backend
+from kdumpd.serve.procs import process_rss
+from kdumpd.serve.runconf import RunConf
 from kdumpd.store.blockstore import BlockStore
 from kdumpd.store.placement import Placement
 from kdumpd.store.scrub import Scrubber
-from kdumpd.units import Extent, PhysRange
 
-__all__ = [
-    "EventLog", "Service", "errno_for", "open_backend", "process_rss", "store_capacity",
-    "write_error",
-]
+__all__ = ["EventLog", "Service", "errno_for", "write_error"]
 
 log = logging.getLogger(__name__)
 
 _MAX_EVENTS = 200
-
-
-def open_backend(spec: str, ranges: tuple[PhysRange, ...], extents: tuple[Extent, ...]) -> OldMem:
-    """Open a resolved backend: ``image:FILE`` (at the PT_LOAD offsets), ``devmem`` (only the
-    granted extents, identity-mapped) or ``vmcore:PATH`` (writable /proc/vmcore, probed on the
-    first granted page). Refusals and failures raise before anything is written."""
-    if spec.startswith("image:"):
-        return ImageOldMem(spec[len("image:") :], ranges)
-    if spec == "devmem":
-        return DevMem(identity_ranges(extents))
-    if spec.startswith("vmcore:"):
-        if not extents:
-            raise RefusedError("vmcore backend: the plan grants no old memory")
-        return VmcoreRW(ranges, probe_paddr=extents[0].start_paddr, path=spec[len("vmcore:") :])
-    raise ConfigError(f"backend {spec!r} is not image:FILE, devmem or vmcore:PATH")
-
-
-def store_capacity(placement: Placement) -> int:
-    """Bytes a store over ``placement`` can hold (groups less the spares), as BlockStore
-    computes it, without allocating a store."""
-    ngroups = placement.ngroups
-    spares = max(1, min(1024, ngroups // 256)) if ngroups > 1 else 0
-    return (ngroups - spares) * 4096
 
 
 def errno_for(exc: BaseException) -> int:
@@ -80,33 +52,6 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, MemoryError):
         return errno.ENOMEM
     return errno.EIO
-
-
-def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
-    """A memory figure of a process from /proc/PID/status in bytes (0 if unknown): ``VmRSS``
-    (all resident pages), ``RssAnon`` (its own heap and stacks, without file or shared
-    mappings such as an image backend's), ``VmLck`` (mlocked)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def process_pss(pid: int | str = "self") -> int:
-    """Proportional set size of a process in bytes (0 if unknown), from smaps_rollup: what it
-    costs with the pages it shares (libpython, libc) split among their users."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 class _ScrubView:
@@ -188,10 +133,6 @@ class Service:
             log.warning("device is %d MiB but old memory holds only %d MiB at %d copies: writes "
                         "past that fail with ENOSPC", rc.size_bytes >> 20,
                         stats.capacity_bytes >> 20, rc.copies)
-
-    @classmethod
-    def from_runconf(cls, path: str, *, protections: dict[str, str] | None = None) -> Service:
-        return cls(RunConf.read(path), protections=protections)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

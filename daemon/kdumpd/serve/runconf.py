@@ -1,4 +1,4 @@
-"""The run configuration ``kdumpd serve`` writes into the run directory for the nbdkit plugin.
+"""``runconf.json``: what ``kdumpd serve`` hands the nbdkit plugin, written into the run directory.
 
 One JSON file holds everything the plugin needs and nothing it must compute: the plan's
 extents (half-open pfn ranges), the PT_LOAD :class:`~kdumpd.units.PhysRange` list (physical ->
@@ -10,16 +10,15 @@ of the package's parent directory (so that nbdkit's embedded interpreter imports
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdumpd.errors import ConfigError
+from kdumpd.jsonfile import atomic_write_json, read_json
 from kdumpd.units import Extent, PhysRange
 
-__all__ = ["RUNCONF_VERSION", "RunConf", "atomic_write_json", "read_json"]
+__all__ = ["RUNCONF_VERSION", "RunConf"]
 
 RUNCONF_VERSION = 1
 
@@ -104,35 +103,3 @@ class RunConf:
     @classmethod
     def read(cls, path: str) -> RunConf:
         return cls.from_json(read_json(path), path)
-
-
-def atomic_write_json(path: str, doc: Any, *, mode: int = 0o600) -> None:
-    """Write ``doc`` as JSON to a temporary file beside ``path`` and rename it over ``path``,
-    so a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-
-
-def extents_json(extents: Sequence[Extent]) -> list[list[int]]:
-    return [[e.start_pfn, e.end_pfn] for e in extents]
