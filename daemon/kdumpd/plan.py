@@ -20,9 +20,12 @@ from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
 from kdumpd.mm.extents import ExtentBuilder
 from kdumpd.mm.memmap import MemSections, Section
 from kdumpd.mm.pagelayout import PageLayout
+from kdumpd.mm.plausible import KERNEL_PROBE_PAGES, Evidence, check
 from kdumpd.mm.policy import ReusePolicy
+from kdumpd.mm.zones import free_pages_counter
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
 from kdumpd.vmcore.core import Vmcore
+from kdumpd.vmcore.elf import kernel_text_loads
 from kdumpd.xlat import Translator, make_translator
 from kdumpd.xlat.vmem import VirtMem
 
@@ -165,6 +168,11 @@ def make_plan(
     total = sum(end - start for start, end, _, _ in spans)
     done = 0
     vmemmap = info.symbols.get("vmemmap")
+    probes = [(s.p_paddr >> PAGE_SHIFT,
+               (s.p_paddr >> PAGE_SHIFT) + min(KERNEL_PROBE_PAGES, s.p_memsz >> PAGE_SHIFT))
+              for s in kernel_text_loads(vm.header.loads)]
+    evidence = Evidence()
+    checks = native.new_counts()
     for start, end, usable_start, usable_end in spans:
         classifier.skip_to(start)
         for section in sections.iter_sections(start, end):
@@ -181,7 +189,12 @@ def make_plan(
                     f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
                     f"SYMBOL(vmemmap)={vmemmap:#x}"
                 )
-            result = classifier.classify(a, reader.read(section, a, b))
+            pages = reader.read(section, a, b)
+            result = classifier.classify(a, pages)
+            classifier.check_pages(pages, section.page_vaddr(a, layout.size_page), checks)
+            for lo, hi in probes:
+                for pfn in range(max(lo, a), min(hi, b)):
+                    evidence.kernel_pages[pfn] = result.classes[pfn - a]
             for lo, hi in result.retract:
                 builder.withdraw(lo, hi)
             usable = (usable_start - a, usable_end - a) if section.usable else (0, 0)
@@ -196,6 +209,11 @@ def make_plan(
     for c in PageClass:
         if chunk_counts[c]:
             counts[c] += int(chunk_counts[c])
+    evidence.heads, evidence.bad_heads = int(checks[0]), int(checks[1])
+    evidence.anon_lru, evidence.anon_not_swapbacked = int(checks[2]), int(checks[3])
+    evidence.free_pages = counts[PageClass.FREE] + counts[PageClass.UNACCEPTED]
+    evidence.free_counter = free_pages_counter(info, xlat_read_u64(xlat, vm))
+    check(evidence, layout)
     for start_paddr, end_paddr, _why in forbidden:
         builder.withdraw(start_paddr >> PAGE_SHIFT, -(-end_paddr // PAGE_SIZE))
     extents = _split_and_filter(builder.extents(), spans, min_run_pages)
@@ -215,6 +233,7 @@ def make_plan(
         "vmemmap_symbol": vmemmap is not None,
         "pt_loads": len(vm.header.loads),
         "ram_ranges": len(vm.phys.ranges),
+        "plausibility": evidence.summary(),
     }
     plan = Plan(
         osrelease=info.osrelease,

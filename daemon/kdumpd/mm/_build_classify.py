@@ -71,6 +71,8 @@ int kdumpd_classify(const struct kdumpd_layout *L, const unsigned char *pages, s
                     uint64_t *retract);
 size_t kdumpd_runs(const unsigned char *vals, const unsigned char *veto, size_t lo, size_t hi,
                    const unsigned char *lut, uint32_t *out);
+void kdumpd_check_pages(const struct kdumpd_layout *L, const unsigned char *pages, size_t n,
+                        uint64_t vaddr0, uint64_t *counts);
 void kdumpd_count(const unsigned char *vals, size_t n, uint64_t *counts);
 int kdumpd_is_zero(const unsigned char *p, size_t n);
 """

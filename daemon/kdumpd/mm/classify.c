@@ -284,6 +284,32 @@ static size_t kdumpd_runs(const unsigned char *vals, const unsigned char *veto, 
     return runs;
 }
 
+/* Plausibility checks of the layout over n struct pages (vaddr0: address of the first):
+ * counts[0] += compound heads (PG_head, not the last page), counts[1] += heads whose page[1]
+ * is not a tail pointing back at them (compound_head == the head's address | 1);
+ * counts[2] += anonymous pages on the LRU (mapping & 1, PG_lru), counts[3] += those without
+ * PG_swapbacked (only MADV_FREE'd pages lack it on a real kernel). A wrong OFFSET of flags,
+ * compound_head or mapping makes most of them fail. */
+static void kdumpd_check_pages(const struct kdumpd_layout *L, const unsigned char *pages,
+                               size_t n, uint64_t vaddr0, uint64_t *counts)
+{
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *pg = pages + i * L->size_page;
+        uint64_t flags = rd64(pg + L->off_flags);
+        if ((flags & L->m_head) != 0 && i + 1 < n) {
+            counts[0]++;
+            if (rd64(pg + L->size_page + L->off_head) != ((vaddr0 + i * L->size_page) | 1))
+                counts[1]++;
+        }
+        if (L->m_swapbacked != 0 && (flags & L->m_lru) != 0
+            && (rd64(pg + L->off_mapping) & 1) != 0) {
+            counts[2]++;
+            if ((flags & L->m_swapbacked) == 0)
+                counts[3]++;
+        }
+    }
+}
+
 /* counts[v] += number of i with vals[i] == v. */
 static void kdumpd_count(const unsigned char *vals, size_t n, uint64_t *counts)
 {

@@ -175,6 +175,10 @@ class Classifier:
         )
         return ChunkResult(start_pfn, classes, poisoned, [retract] if retract else [])
 
+    def check_pages(self, pages: native.ByteBuffer, vaddr0: int, counts: Any) -> None:
+        """Add the plausibility counts of ``pages`` (see ``native.check_pages``)."""
+        native.check_pages(self._c_layout, self.layout.size_page, pages, vaddr0, counts)
+
     def skip_to(self, pfn: int) -> None:
         """Tell the classifier a gap was skipped; a carried range ends at the gap."""
         if self._carry.active and self._carry.end_pfn <= pfn:
