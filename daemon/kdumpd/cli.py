@@ -135,17 +135,38 @@ def cmd_survey(args: argparse.Namespace) -> int:
               f"in {len(plan.extents)} extents")
     for rule in plan.features.get("safety_rules", []):
         print(f"safety: {rule}")
-    for rule, why in plan.withheld.items():
-        print(f"withheld {rule}: {why}")
+    for line in _withheld_lines(plan):
+        print(line)
     feats: dict[str, Any] = {
         k: v for k, v in plan.features.items() if k not in ("safety_rules",)}
     print("layout: " + ", ".join(f"{k}={v}" for k, v in sorted(feats.items())))
     return 0
 
 
+def _withheld_lines(plan: Plan) -> list[str]:
+    """One line per safety rule (and reason) that took pages away, with how many; classes
+    withheld for one reason share a line."""
+    groups: dict[tuple[str, str], tuple[int | None, list[str]]] = {}
+    for key, why in plan.withheld.items():
+        pages = plan.withheld_pages.get(key)
+        # class keys come from rule 6 (what the collector would still dump)
+        label = key.partition(": ")[0] if key.startswith("rule ") else "rule 6"
+        total, classes = groups.get((label, why), (0, []))
+        total = None if total is None or pages is None else total + pages
+        groups[(label, why)] = (total, classes + ([] if key.startswith("rule ") else [key]))
+    out = []
+    for (label, why), (pages, classes) in groups.items():
+        count = "" if pages is None else f"{pages} pages ({_fmt_bytes(pages * 4096)})"
+        of = f" of class{'es' if len(classes) > 1 else ''} {', '.join(classes)}" if classes else ""
+        out.append(f"withheld by {label}: {count}{of}: {why}")
+    return out
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     plan, _ = _build_plan(args)
     write_extents_file(args.extents, plan.extents)
+    for line in _withheld_lines(plan):
+        print(line, file=sys.stderr)
     print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
           f"({_fmt_bytes(plan.reusable_bytes)}) written to {args.extents}", file=sys.stderr)
     return 0

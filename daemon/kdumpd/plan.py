@@ -50,7 +50,11 @@ class Plan:
     categories: dict[str, int | None]
     total_pages: int
     features: dict[str, Any] = field(default_factory=dict)
+    # What a safety rule took away from the plan: key -> why, and key -> pages it took
+    # (for a withheld class: that class's pages; for a rule cutting ranges: the pages it
+    # removed from the plan that the rules before it had left).
     withheld: dict[str, str] = field(default_factory=dict)
+    withheld_pages: dict[str, int] = field(default_factory=dict)
 
     @property
     def reusable_pages(self) -> int:
@@ -72,8 +76,13 @@ class Plan:
             "reusable_bytes": self.reusable_bytes,
             "extents": len(self.extents),
             "features": self.features,
-            "withheld": self.withheld,
+            "withheld": self.withheld_json(),
         }
+
+    def withheld_json(self) -> dict[str, dict[str, Any]]:
+        """``withheld`` with the page count of each entry, for reports."""
+        return {key: {"reason": why, "pages": self.withheld_pages.get(key)}
+                for key, why in self.withheld.items()}
 
 
 class _StructPageReader:
@@ -158,6 +167,9 @@ def make_plan(
     five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
     sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
     policy = ReusePolicy.build(dump_level, layout, withheld)
+    reuse_lut = native.lut(policy.classes)
+    candidates = 0  # reusable by class in usable sections, before the poison veto
+    offline_pages = 0  # reusable by class but in a section that is not online
     classifier = Classifier(layout)
     reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
@@ -199,6 +211,14 @@ def make_plan(
                 builder.withdraw(lo, hi)
             usable = (usable_start - a, usable_end - a) if section.usable else (0, 0)
             runs = policy.reusable_runs(result.classes, result.poisoned, usable)
+            lo, hi = max(usable_start - a, 0), min(usable_end - a, npages)
+            if lo < hi:
+                by_class = sum(y - x for x, y in native.runs(result.classes, reuse_lut,
+                                                             None, lo, hi))
+                if section.usable:
+                    candidates += by_class
+                else:
+                    offline_pages += by_class
             builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
             native.count(result.classes, chunk_counts)
             if count_zero:
@@ -214,9 +234,25 @@ def make_plan(
     evidence.free_pages = counts[PageClass.FREE] + counts[PageClass.UNACCEPTED]
     evidence.free_counter = free_pages_counter(info, xlat_read_u64(xlat, vm))
     check(evidence, layout)
-    for start_paddr, end_paddr, _why in forbidden:
+    withheld_why = dict(policy.withheld)
+    withheld_pages = {key: sum(counts[c] for c in PageClass if c.name.lower() == key)
+                      for key in withheld_why}
+    taken = {
+        "rule 2: buddy blocks and folios holding a PG_hwpoison page": candidates - builder.npages,
+        "rule 5: memory sections that are not online": offline_pages,
+    }
+    for start_paddr, end_paddr, key in forbidden:
+        before = builder.npages
         builder.withdraw(start_paddr >> PAGE_SHIFT, -(-end_paddr // PAGE_SIZE))
+        taken[key] = taken.get(key, 0) + before - builder.npages
+    before = builder.npages
     extents = _split_and_filter(builder.extents(), spans, min_run_pages)
+    taken[f"rule 6: excluded runs shorter than {min_run_pages} pages (ELF output)"] = (
+        before - sum(e.npages for e in extents))
+    for key, n_taken in taken.items():
+        if n_taken:
+            withheld_why[key] = key.split(": ", 1)[1]
+            withheld_pages[key] = n_taken
     class_pages = {PageClass(c).name.lower(): n for c, n in sorted(counts.items())}
     categories: dict[str, int | None] = {
         name: sum(counts.get(c, 0) for c in members) for name, members in MDF_CATEGORIES.items()
@@ -244,7 +280,8 @@ def make_plan(
         categories=categories,
         total_pages=total,
         features=features,
-        withheld=dict(policy.withheld),
+        withheld=withheld_why,
+        withheld_pages=withheld_pages,
     )
     log.info(
         "planned %d reusable pages (%d MiB) in %d extents at dump level %d",

@@ -100,7 +100,7 @@ def gated_plan(
     plan = make_plan(
         vm, decision.dump_level,
         withheld=decision.withheld,
-        forbidden=[(r.start_paddr, r.end_paddr, r.reason) for r in decision.forbidden],
+        forbidden=[(r.start_paddr, r.end_paddr, r.key) for r in decision.forbidden],
         min_run_pages=decision.min_run_pages,
         count_zero=count_zero,
         progress=progress,

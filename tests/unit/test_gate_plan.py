@@ -78,3 +78,38 @@ def test_hardware_error_in_the_log_refuses(tmp_path: Path, legacy: bool,
     assert "rule 1" in capsys.readouterr().err
     rc, ranged = _plan(core, tmp_path, "--mce-policy", "exclude-range")
     assert rc == 0 and ranged == [(0x8200, 0x8400)]  # the 2 MiB around 0x8000123 is cut
+
+
+def test_every_rule_that_withholds_says_how_much(core: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, item 7: rule 8 cut the plan by two thirds without a word. Each rule that
+    takes pages away is named with its count, in the text output, in plan's stderr and in
+    JSON ``withheld``."""
+    import json
+
+    iomem = tmp_path / "iomem"
+    iomem.write_text("09000000-09ffffff : System RAM\n0c000000-0c3fffff : Persistent Memory\n")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("elfcorehdr=0xe000000 console=ttyS0\n")
+    host = ["--host-iomem", str(iomem), "--host-cmdline", str(cmdline)]
+    assert main(["survey", str(core), *host, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["reusable_pages"] == 0x8000 - 0x1000 - 0x400 - 0x100
+    assert doc["withheld"] == {
+        "rule 8: the capture kernel's own RAM": {
+            "reason": "the capture kernel's own RAM", "pages": 0x1000},
+        "rule 4: persistent memory (Persistent Memory)": {
+            "reason": "persistent memory (Persistent Memory)", "pages": 0x400},
+        "rule 8: elfcorehdr": {"reason": "elfcorehdr", "pages": 0x100},
+    }
+    assert main(["survey", str(core), *host]) == 0
+    out = capsys.readouterr().out
+    assert "withheld by rule 8: 4096 pages (16.0 MiB): the capture kernel's own RAM" in out
+    assert "withheld by rule 4: 1024 pages (4.0 MiB): persistent memory" in out
+    assert main(["plan", str(core), "--extents", str(tmp_path / "x"), *host]) == 0
+    assert "withheld by rule 8: 4096 pages" in capsys.readouterr().err
+    # ELF output (rule 6) drops runs under 256 pages: the 128 left after this elfcorehdr
+    cmdline.write_text("elfcorehdr=0xfe80000\n")
+    assert main(["survey", str(core), "--collector", "makedumpfile -E -d 31", *host]) == 0
+    assert ("withheld by rule 6: 128 pages (512.0 KiB): excluded runs shorter than 256 pages "
+            "(ELF output)") in capsys.readouterr().out

@@ -71,13 +71,12 @@ def decide(
         for paddr in crash.error_paddrs:
             start = paddr & ~(MCE_EXCLUDE_BYTES - 1)
             forbidden.append(ForbiddenRange(start, start + MCE_EXCLUDE_BYTES,
-                                            f"hardware error reported at {paddr:#x}"))
+                                            f"hardware error reported at {paddr:#x}", 1))
         rules.append(f"rule 1: hardware error, excluding {len(crash.error_paddrs)} ranges")
     withheld = {}
     if collector.kind == "makedumpfile":
         withheld = withheld_classes(collector_version, layout)
-    for cls, why in withheld.items():
-        rules.append(f"rule 6: withheld {cls.name.lower()}: {why}")
+    # The withheld classes are named, with their page counts, by the plan's ``withheld``.
     min_run = MIN_ELF_EXCLUDED_RUN if collector.elf_output else 1
     if collector.elf_output:
         rules.append(f"rule 6: ELF output keeps excluded runs < {MIN_ELF_EXCLUDED_RUN} pages")

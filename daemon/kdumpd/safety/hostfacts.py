@@ -26,6 +26,12 @@ class ForbiddenRange:
     start_paddr: int
     end_paddr: int  # exclusive
     reason: str
+    rule: int = 8  # the safety rule (docs/safety.md) that forbids it, named in the plan
+
+    @property
+    def key(self) -> str:
+        """How the plan's ``withheld`` names what this range took away."""
+        return f"rule {self.rule}: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ def parse_nfit(table: bytes) -> list[ForbiddenRange]:
             span = int.from_bytes(table[pos + 40 : pos + 48], "little")
             what = "persistent memory" if guid == PMEM_GUID else f"NVDIMM range {guid.hex()}"
             if span:
-                out.append(ForbiddenRange(base, base + span, f"{what} (ACPI NFIT)"))
+                out.append(ForbiddenRange(base, base + span, f"{what} (ACPI NFIT)", 4))
         pos += size
     return out
 
@@ -104,7 +110,7 @@ def parse_host_facts(
         elif name.startswith("Crash kernel"):
             out.append(ForbiddenRange(start, end, "crashkernel reservation"))
         elif _is_pmem(name):
-            out.append(ForbiddenRange(start, end, f"persistent memory ({name})"))
+            out.append(ForbiddenRange(start, end, f"persistent memory ({name})", 4))
     m = _ELFCOREHDR.search(cmdline)
     if m:
         addr = int(m.group(1), 0)
