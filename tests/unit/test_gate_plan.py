@@ -113,3 +113,37 @@ def test_every_rule_that_withholds_says_how_much(core: Path, tmp_path: Path,
     assert main(["survey", str(core), "--collector", "makedumpfile -E -d 31", *host]) == 0
     assert ("withheld by rule 6: 128 pages (512.0 KiB): excluded runs shorter than 256 pages "
             "(ELF output)") in capsys.readouterr().out
+
+
+def test_collector_version_comes_from_the_binary_the_line_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, item 17: ``--collector "/usr/local/sbin/makedumpfile -l -d 31"`` (a newer
+    makedumpfile by its path) was reported as the 1.7.2 first on PATH. The same for a
+    core_collector with a path in kdump.conf."""
+    import json
+
+    m = Machine(template("6.12"))
+    m.page(0x8000, _mapcount=int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"]), private=10)
+    core = m.write(tmp_path / "vmcore")
+    newer = tmp_path / "sbin" / "makedumpfile"
+    newer.parent.mkdir()
+    newer.write_text("#!/bin/sh\necho 'makedumpfile: version 1.7.7 (released on 1 Jan 2025)'\n")
+    newer.chmod(0o755)
+    assert main(["survey", str(core), "--json", "--collector", f"{newer} -l -d 31"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["features"]["collector_version"] == "1.7.7"
+    assert doc["withheld"] == {}, "1.7.7 reads 6.12 folios: nothing is withheld"
+    conf = tmp_path / "root" / "etc" / "kdump.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f"core_collector {newer} -l --message-level 7 -d 31\n")
+    from kdumpd.safeplan import gated_plan
+    from kdumpd.vmcore.core import open_vmcore
+
+    with open_vmcore(core) as vm:
+        plan = gated_plan(vm, config_root=str(tmp_path / "root")).plan
+    assert plan.features["collector_version"] == "1.7.7"
+    missing = tmp_path / "nowhere" / "makedumpfile"
+    assert main(["survey", str(core), "--json", "--collector", f"{missing} -d 31"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["features"]["collector_version"] is None
+    assert "user_anon" in doc["withheld"], "a collector of unknown version is trusted less"

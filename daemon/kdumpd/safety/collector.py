@@ -33,6 +33,8 @@ class Collector:
     dump_level: int | None  # None: nothing is excluded (reuse nothing)
     elf_output: bool
     raw: str
+    program: str = "makedumpfile"  # argv[0] as written: a bare name or a path
+
 
     def describe(self) -> str:
         if self.kind != "makedumpfile":
@@ -52,7 +54,7 @@ def parse_collector(cmdline: str) -> Collector:
     prog = argv[0].rsplit("/", 1)[-1]
     if prog != "makedumpfile":
         kind = prog if prog in ("cp", "dd", "cat") else "unknown"
-        return Collector(kind, None, False, cmdline)
+        return Collector(kind, None, False, cmdline, argv[0])
     level: int | None = 0  # makedumpfile without -d dumps every page
     elf = False
     i = 1
@@ -80,7 +82,7 @@ def parse_collector(cmdline: str) -> Collector:
             if not 0 <= level <= 31:
                 raise ConfigError(f"collector {cmdline!r}: dump level {level} outside 0..31")
         i += 1
-    return Collector("makedumpfile", level, elf, cmdline)
+    return Collector("makedumpfile", level, elf, cmdline, argv[0])
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
