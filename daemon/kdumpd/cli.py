@@ -113,6 +113,25 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+# Dump level bits of each makedumpfile category; hwpoison and offline pages are excluded at
+# every level, "remaining" is what the level keeps.
+_CATEGORY_BITS = {"zero": 1, "cache": 2 | 4, "cache_private": 4, "user": 8, "free": 16}
+
+
+def _level_categories(plan: Plan) -> dict[str, int | None]:
+    """The categories as ``makedumpfile -d LEVEL`` reports them: a category the level does
+    not exclude shows 0 and its pages count as remaining (issue 15, item 4)."""
+    out = dict(plan.categories)
+    moved = 0
+    for key, bit in _CATEGORY_BITS.items():
+        if not plan.dump_level & bit:
+            moved += out.get(key) or 0
+            out[key] = 0
+    if out.get("remaining") is not None:
+        out["remaining"] = (out["remaining"] or 0) + moved
+    return out
+
+
 def cmd_survey(args: argparse.Namespace) -> int:
     plan, refusal = _build_plan(args)
     if args.json:
@@ -123,8 +142,9 @@ def cmd_survey(args: argparse.Namespace) -> int:
         return 0
     print(f"kernel {plan.osrelease} ({plan.arch}), dump level {plan.dump_level}")
     print("Excluded pages (makedumpfile categories):")
+    level_categories = _level_categories(plan)
     for key, label in _CATEGORY_LABELS:
-        value = plan.categories.get(key)
+        value = level_categories.get(key)
         shown = "not computed" if value is None else f"0x{value:016x}"
         print(f"  {label:<26}: {shown}")
     print(f"  {'Total pages':<26}: 0x{plan.total_pages:016x}")

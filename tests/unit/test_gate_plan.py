@@ -147,3 +147,33 @@ def test_collector_version_comes_from_the_binary_the_line_names(
     doc = json.loads(capsys.readouterr().out)
     assert doc["features"]["collector_version"] is None
     assert "user_anon" in doc["withheld"], "a collector of unknown version is trusted less"
+
+
+def test_survey_lists_only_what_the_level_excludes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, item 4: ``survey -d 17`` listed cache and user pages as excluded; makedumpfile
+    -d 17 shows 0x0 for them and counts them as remaining."""
+    m = Machine(template("6.1"))
+    m.page(0x8000, _mapcount=int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"]), private=4)
+    for pfn in range(0x9000, 0x9020):
+        m.page(pfn, flags=m.flag("PG_lru"))  # page cache
+    for pfn in range(0x9100, 0x9108):
+        m.page(pfn, flags=m.flag("PG_lru"), mapping=0xFFFF888000ABC001)  # anonymous
+    core = m.write(tmp_path / "vmcore")
+
+    def shown(*argv: str) -> dict[str, int]:
+        assert main(["survey", str(core), *argv]) == 0
+        out: dict[str, int] = {}
+        for line in capsys.readouterr().out.splitlines():
+            label, _, value = line.partition(":")
+            if value.strip().startswith("0x"):
+                out[label.strip()] = int(value, 16)
+        return out
+
+    full, d17 = shown("-d", "31"), shown("-d", "17")
+    assert full["Non-private cache pages"] == 0x20 and full["User process data pages"] == 8
+    assert d17["Free pages"] == full["Free pages"] == 16
+    assert d17["Non-private cache pages"] == d17["User process data pages"] == 0
+    assert d17["Private cache pages"] == 0
+    assert d17["Remaining pages"] == full["Remaining pages"] + 0x20 + 8
+    assert d17["Total pages"] == full["Total pages"]
