@@ -17,7 +17,7 @@ from typing import Any
 
 from kdumpd import __version__
 from kdumpd.config import Config
-from kdumpd.errors import KdumpdError, RefusedError
+from kdumpd.errors import ConfigError, KdumpdError, RefusedError
 from kdumpd.plan import Plan, make_plan, read_crash_log, write_extents_file
 from kdumpd.safeplan import gated_plan, host_facts_here
 from kdumpd.safety.gate import MCE_POLICIES
@@ -74,11 +74,23 @@ def _dump_level(text: str) -> int:
 
 
 def _host_facts(args: argparse.Namespace) -> HostFacts | None:
-    if args.host_iomem or args.host_cmdline:
+    if args.host_iomem or args.host_cmdline or args.host_nfit:
         iomem = Path(args.host_iomem).read_text() if args.host_iomem else ""
         cmdline = Path(args.host_cmdline).read_text() if args.host_cmdline else ""
-        return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline")
+        tables = [_read_nfit(path) for path in args.host_nfit] if args.host_nfit else None
+        try:
+            return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline",
+                                    nfit_tables=tables)
+        except ValueError as exc:
+            raise ConfigError(f"--host-nfit: {exc}") from None
     return host_facts_here(Path(args.vmcore))
+
+
+def _read_nfit(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--host-nfit {path}: {exc.strerror}") from None
 
 
 def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
@@ -214,6 +226,10 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                         help="the capture kernel's /proc/iomem, to check a plan offline")
     parser.add_argument("--host-cmdline", metavar="FILE", default=None,
                         help="the capture kernel's /proc/cmdline, to check a plan offline")
+    parser.add_argument("--host-nfit", metavar="FILE", action="append", default=None,
+                        help="the capture kernel's /sys/firmware/acpi/tables/NFIT (repeat for "
+                             "NFIT1...), to check persistent memory offline; without it, "
+                             "memory sections hot-added after boot are withheld")
 
 
 def build_parser() -> argparse.ArgumentParser:

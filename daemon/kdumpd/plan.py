@@ -152,6 +152,7 @@ def make_plan(
     withheld: dict[PageClass, str] | None = None,
     forbidden: Sequence[tuple[int, int, str]] = (),
     min_run_pages: int = 1,
+    withhold_hotplugged: bool = False,
     count_zero: bool = False,
     progress: Progress | None = None,
 ) -> Plan:
@@ -159,7 +160,8 @@ def make_plan(
 
     ``withheld`` classes are never reused (the safety gate's collector rule); ``forbidden``
     physical byte ranges ``(start, end, reason)`` are cut out of the extents; extents shorter
-    than ``min_run_pages`` after splitting at PT_LOAD boundaries are dropped (ELF output).
+    than ``min_run_pages`` after splitting at PT_LOAD boundaries are dropped (ELF output);
+    ``withhold_hotplugged`` keeps out sections not present at boot (rule 4's offline fallback).
     """
     info = vm.info
     layout = PageLayout.from_vmcoreinfo(info)
@@ -170,6 +172,7 @@ def make_plan(
     reuse_lut = native.lut(policy.classes)
     candidates = 0  # reusable by class in usable sections, before the poison veto
     offline_pages = 0  # reusable by class but in a section that is not online
+    hotplugged_pages = 0  # reusable by class but in a section added after boot (withheld)
     classifier = Classifier(layout)
     reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
@@ -209,16 +212,20 @@ def make_plan(
                     evidence.kernel_pages[pfn] = result.classes[pfn - a]
             for lo, hi in result.retract:
                 builder.withdraw(lo, hi)
-            usable = (usable_start - a, usable_end - a) if section.usable else (0, 0)
+            late = withhold_hotplugged and not section.early
+            ok = section.usable and not late
+            usable = (usable_start - a, usable_end - a) if ok else (0, 0)
             runs = policy.reusable_runs(result.classes, result.poisoned, usable)
             lo, hi = max(usable_start - a, 0), min(usable_end - a, npages)
             if lo < hi:
                 by_class = sum(y - x for x, y in native.runs(result.classes, reuse_lut,
                                                              None, lo, hi))
-                if section.usable:
+                if ok:
                     candidates += by_class
-                else:
+                elif not section.usable:
                     offline_pages += by_class
+                else:
+                    hotplugged_pages += by_class
             builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
             native.count(result.classes, chunk_counts)
             if count_zero:
@@ -240,6 +247,9 @@ def make_plan(
     taken = {
         "rule 2: buddy blocks and folios holding a PG_hwpoison page": candidates - builder.npages,
         "rule 5: memory sections that are not online": offline_pages,
+        "rule 4: memory sections hot-added after boot (persistent memory onlined as kmem "
+        "looks like this; without the capture kernel's NFIT it cannot be told apart)":
+            hotplugged_pages,
     }
     for start_paddr, end_paddr, key in forbidden:
         before = builder.npages

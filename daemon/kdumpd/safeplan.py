@@ -104,6 +104,7 @@ def gated_plan(
         withheld=decision.withheld,
         forbidden=[(r.start_paddr, r.end_paddr, r.key) for r in decision.forbidden],
         min_run_pages=decision.min_run_pages,
+        withhold_hotplugged=decision.withhold_hotplugged,
         count_zero=count_zero,
         progress=progress,
     )

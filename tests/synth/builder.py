@@ -150,7 +150,7 @@ class Machine:
         self.mem.write_u64(self.roots_paddr, self.page_offset + self.sections_paddr)
         nsections = -(-self.ram // (1 << SECTION_BITS))
         for nr in range(nsections):
-            self.set_section(nr, 0x7)  # present | has_mem_map | online
+            self.set_section(nr, 0xF)  # present | has_mem_map | online | early (boot memory)
         # The VA of SYMBOL(init_top_pgt) must translate through the kernel-image mapping.
         self.init_top_pgt_va = START_KERNEL_MAP + (self.pt.root - self.phys_base)
 

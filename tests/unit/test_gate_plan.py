@@ -177,3 +177,42 @@ def test_survey_lists_only_what_the_level_excludes(
     assert d17["Private cache pages"] == 0
     assert d17["Remaining pages"] == full["Remaining pages"] + 0x20 + 8
     assert d17["Total pages"] == full["Total pages"]
+
+
+def _nfit_without_ranges() -> bytes:
+    return b"NFIT" + (40).to_bytes(4, "little") + bytes(32)
+
+
+def test_offline_plan_withholds_hot_added_sections_unless_the_nfit_is_given(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, item 16: offline, the capture kernel's NFIT is unknown, so persistent memory
+    onlined as kmem (a section added after boot, SECTION_IS_EARLY clear) must be withheld
+    and the rules that could not be checked are named; --host-nfit supplies the table."""
+    import json
+
+    m = Machine(template("6.1"), ram=512 << 20)
+    buddy = int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"])
+    for head in (0x8000, 0x10000):  # sections 1 (boot memory) and 2 (hot-added)
+        m.page(head, _mapcount=buddy, private=10)
+    m.set_section(2, 0x7)  # present | mem_map | online, not early
+    core = m.write(tmp_path / "vmcore")
+    assert main(["survey", str(core), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["reusable_pages"] == 1024
+    (key,) = (k for k in doc["withheld"] if k.startswith("rule 4"))
+    assert doc["withheld"][key]["pages"] == 1024 and "hot-added" in key
+    assert main(["survey", str(core)]) == 0
+    out = capsys.readouterr().out
+    assert "rule 4 not checked offline" in out and "rule 8 not checked offline" in out
+    nfit = tmp_path / "NFIT"
+    nfit.write_bytes(_nfit_without_ranges())
+    assert main(["survey", str(core), "--host-nfit", str(nfit)]) == 0
+    out = capsys.readouterr().out
+    assert "reusable: 2048 pages" in out
+    assert "rule 4 not checked" not in out and "rule 8 not checked offline" in out
+    nfit.write_bytes(b"NFIT garbage")
+    assert main(["survey", str(core), "--host-nfit", str(nfit)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host-nfit" in err[0]
+    assert main(["survey", str(core), "--host-nfit", str(tmp_path / "absent")]) == 2
+    assert "absent" in capsys.readouterr().err

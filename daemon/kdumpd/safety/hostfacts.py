@@ -39,6 +39,11 @@ class HostFacts:
     forbidden: tuple[ForbiddenRange, ...] = ()
     source: str = "none"
     notes: list[str] = field(default_factory=list)
+    # Whether the capture kernel's ACPI NFIT tables were read (none found is an answer too):
+    # without them persistent memory onlined as kmem cannot be told apart (rule 4).
+    nfit_known: bool = False
+    # Whether the capture kernel's iomem was read (rule 8).
+    iomem_known: bool = True
 
 
 def _is_own_ram(name: str, depth: int) -> bool:
@@ -91,11 +96,13 @@ def parse_nfit(table: bytes) -> list[ForbiddenRange]:
 
 
 def parse_host_facts(
-    iomem: str, cmdline: str, source: str = "/proc", nfit_tables: Sequence[bytes] = ()
+    iomem: str, cmdline: str, source: str = "/proc",
+    nfit_tables: Sequence[bytes] | None = None,
 ) -> HostFacts:
-    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT."""
+    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT
+    tables (None: not known, as offline without --host-nfit; empty: the host has none)."""
     out: list[ForbiddenRange] = []
-    for table in nfit_tables:
+    for table in nfit_tables or ():
         out.extend(parse_nfit(table))
     for line in iomem.splitlines():
         m = _LINE.match(line)
@@ -115,4 +122,5 @@ def parse_host_facts(
     if m:
         addr = int(m.group(1), 0)
         out.append(ForbiddenRange(addr, addr + ELFCOREHDR_GUARD, "elfcorehdr"))
-    return HostFacts(tuple(sorted(out, key=lambda r: r.start_paddr)), source)
+    return HostFacts(tuple(sorted(out, key=lambda r: r.start_paddr)), source,
+                     nfit_known=nfit_tables is not None, iomem_known=bool(iomem.strip()))
