@@ -141,6 +141,37 @@ def _level_categories(plan: Plan) -> dict[str, int | None]:
             out[key] = 0
     if out.get("remaining") is not None:
         out["remaining"] = (out["remaining"] or 0) + moved
+    if plan.dump_level & 1 and plan.dump_level & 30 != 30 and out.get("zero") is not None:
+        # kdumpd looks for zero pages only among those every level keeps; makedumpfile also
+        # among the cache/user/free pages this level keeps: the count would be short
+        out["remaining"] = (out["remaining"] or 0) + (out["zero"] or 0)
+        out["zero"] = None
+    return out
+
+
+def _accounting_lines(plan: Plan) -> list[str]:
+    """makedumpfile's report, number for number (issue 15, item 6): its "Original pages"
+    count the kernel-text PT_LOAD a second time (that load duplicates RAM), "Memory Hole" is
+    every pfn up to the last RAM pfn that no PT_LOAD holds, and "Total" is that last pfn.
+    kdumpd's own count of physical pages is shown beside them."""
+    cats = _level_categories(plan)
+    text = int(plan.features.get("kernel_text_pages", 0))
+    original = plan.total_pages + text
+    excluded = sum(cats.get(k) or 0 for k, _ in _CATEGORY_LABELS if k != "remaining")
+    out = [f"Original pages  : 0x{original:016x}  ({plan.total_pages} physical pages + {text} "
+           "pages of the kernel-text PT_LOAD, which makedumpfile counts twice)",
+           f"  Excluded pages   : 0x{excluded:016x}"]
+    for key, label in _CATEGORY_LABELS:
+        if key == "remaining":
+            continue
+        value = cats.get(key)
+        shown = "not computed (--count-zero)" if value is None else f"0x{value:016x}"
+        out.append(f"    {label:<24}: {shown}")
+    note = "  (zero pages not counted: --count-zero)" if cats.get("zero") is None else ""
+    out.append(f"  Remaining pages  : 0x{original - excluded:016x}{note}")
+    max_pfn = int(plan.features.get("max_pfn", 0))
+    out.append(f"Memory Hole     : 0x{max(max_pfn - original, 0):016x}")
+    out.append(f"Total pages     : 0x{max_pfn:016x}")
     return out
 
 
@@ -153,13 +184,8 @@ def cmd_survey(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     print(f"kernel {plan.osrelease} ({plan.arch}), dump level {plan.dump_level}")
-    print("Excluded pages (makedumpfile categories):")
-    level_categories = _level_categories(plan)
-    for key, label in _CATEGORY_LABELS:
-        value = level_categories.get(key)
-        shown = "not computed" if value is None else f"0x{value:016x}"
-        print(f"  {label:<26}: {shown}")
-    print(f"  {'Total pages':<26}: 0x{plan.total_pages:016x}")
+    for line in _accounting_lines(plan):
+        print(line)
     if refusal:
         print(f"reusable: none: refused by {refusal}")
     else:

@@ -279,6 +279,11 @@ def make_plan(
         "vmemmap_symbol": vmemmap is not None,
         "pt_loads": len(vm.header.loads),
         "ram_ranges": len(vm.phys.ranges),
+        # makedumpfile's accounting (survey prints it): it counts the kernel-text PT_LOAD's
+        # pages a second time (the load duplicates RAM) and reports up to the last RAM pfn.
+        "kernel_text_pages": sum(s.p_memsz >> PAGE_SHIFT
+                                 for s in kernel_text_loads(vm.header.loads)),
+        "max_pfn": max((end for _, end, _, _ in spans), default=0),
         "plausibility": evidence.summary(),
     }
     plan = Plan(

@@ -1,8 +1,9 @@
 """kdumpd's classification against makedumpfile on real vmcores from real kernels, page by page.
 
 Known, explained differences (each is asserted, so a new difference fails):
-* makedumpfile's "Total pages"/"Remaining pages" count the kernel-text PT_LOAD a second time
-  (it duplicates part of a RAM PT_LOAD); kdumpd counts every physical page once.
+* makedumpfile's "Original pages"/"Remaining pages" count the kernel-text PT_LOAD a second
+  time (it duplicates part of a RAM PT_LOAD); kdumpd counts every physical page once, and
+  ``survey`` prints makedumpfile's accounting from that (checked line by line below).
 * Debian's makedumpfile 1.7.2 does not know 6.12's layout (PAGE_HUGETLB_MAPCOUNT_VALUE,
   order in folio._flags_1): it treats THP heads and hugetlb folios as order 0, so it dumps the
   folio tails (``*_TAIL`` classes) and the hugetlb heads not mapped anonymously, which kdumpd
@@ -192,3 +193,22 @@ def test_gated_plan_for_elf_output_avoids_short_runs(real: Path, tmp_path: Path)
     assert not (_reusable_mask(plan, end) & written).any()
     # ...and the rule is needed: the -l plan would have put pages into that ELF file
     assert (_reusable_mask(naive, end) & written).any()
+
+
+@pytest.mark.parametrize(("level", "extra"), [(31, ["--count-zero"]), (16, []), (24, [])])
+def test_survey_prints_makedumpfiles_accounting(real: Path, tmp_path: Path, level: int,
+                                                extra: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, items 4 and 6: ``survey -d LEVEL`` prints makedumpfile's report number for
+    number (Original, Excluded, each category, Remaining, Memory Hole, Total)."""
+    from kdumpd.cli import main
+
+    ref = mdf.run(real, level, tmp_path)
+    assert main(["survey", str(real), "-d", str(level), *extra]) == 0
+    ours = mdf._parse_report(capsys.readouterr().out)
+    plan, _ = class_map(real)
+    keys = ["original", "hole", "total"]
+    if not (_is_612_layout(plan) and ref.version.startswith("1.7.2")):
+        keys += ["excluded", "zero", "cache", "cache_private", "user", "free", "hwpoison",
+                 "offline", "remaining"]
+    assert {k: ours.get(k) for k in keys} == {k: ref.report.get(k) for k in keys}
