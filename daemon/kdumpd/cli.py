@@ -95,17 +95,26 @@ def _read_named(flag: str, path: str | None) -> str:
 
 
 def _host_facts(args: argparse.Namespace) -> HostFacts | None:
-    if args.host_iomem or args.host_cmdline:
+    if args.host_iomem or args.host_cmdline or args.host_nfit:
         iomem = _read_named("--host-iomem", args.host_iomem)
         cmdline = _read_named("--host-cmdline", args.host_cmdline)
         if args.host_iomem and not iomem.strip():
             raise ConfigError(f"--host-iomem {args.host_iomem}: empty (expected the capture "
                               "kernel's /proc/iomem)")
+        tables = [_read_nfit(path) for path in args.host_nfit] if args.host_nfit else None
         try:
-            return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline")
+            return parse_host_facts(iomem, cmdline, source="--host-iomem/--host-cmdline",
+                                    nfit_tables=tables)
         except ValueError as exc:
-            raise ConfigError(f"--host-iomem/--host-cmdline: {exc}") from None
+            raise ConfigError(f"--host-iomem/--host-cmdline/--host-nfit: {exc}") from None
     return host_facts_here(Path(args.vmcore))
+
+
+def _read_nfit(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--host-nfit {path}: {exc.strerror}") from None
 
 
 def _collector(args: argparse.Namespace) -> str | None:
@@ -164,6 +173,56 @@ def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
         bar.close()
 
 
+# Dump level bits of each makedumpfile category; hwpoison and offline pages are excluded at
+# every level, "remaining" is what the level keeps.
+_CATEGORY_BITS = {"zero": 1, "cache": 2 | 4, "cache_private": 4, "user": 8, "free": 16}
+
+
+def _level_categories(plan: Plan) -> dict[str, int | None]:
+    """The categories as ``makedumpfile -d LEVEL`` reports them: a category the level does
+    not exclude shows 0 and its pages count as remaining (issue 15, item 4)."""
+    out = dict(plan.categories)
+    moved = 0
+    for key, bit in _CATEGORY_BITS.items():
+        if not plan.dump_level & bit:
+            moved += out.get(key) or 0
+            out[key] = 0
+    if out.get("remaining") is not None:
+        out["remaining"] = (out["remaining"] or 0) + moved
+    if plan.dump_level & 1 and plan.dump_level & 30 != 30 and out.get("zero") is not None:
+        # kdumpd looks for zero pages only among those every level keeps; makedumpfile also
+        # among the cache/user/free pages this level keeps: the count would be short
+        out["remaining"] = (out["remaining"] or 0) + (out["zero"] or 0)
+        out["zero"] = None
+    return out
+
+
+def _accounting_lines(plan: Plan) -> list[str]:
+    """makedumpfile's report, number for number (issue 15, item 6): its "Original pages"
+    count the kernel-text PT_LOAD a second time (that load duplicates RAM), "Memory Hole" is
+    every pfn up to the last RAM pfn that no PT_LOAD holds, and "Total" is that last pfn.
+    kdumpd's own count of physical pages is shown beside them."""
+    cats = _level_categories(plan)
+    text = int(plan.features.get("kernel_text_pages", 0))
+    original = plan.total_pages + text
+    excluded = sum(cats.get(k) or 0 for k, _ in _CATEGORY_LABELS if k != "remaining")
+    out = [f"Original pages  : 0x{original:016x}  ({plan.total_pages} physical pages + {text} "
+           "pages of the kernel-text PT_LOAD, which makedumpfile counts twice)",
+           f"  Excluded pages   : 0x{excluded:016x}"]
+    for key, label in _CATEGORY_LABELS:
+        if key == "remaining":
+            continue
+        value = cats.get(key)
+        shown = "not computed (--count-zero)" if value is None else f"0x{value:016x}"
+        out.append(f"    {label:<24}: {shown}")
+    note = "  (zero pages not counted: --count-zero)" if cats.get("zero") is None else ""
+    out.append(f"  Remaining pages  : 0x{original - excluded:016x}{note}")
+    max_pfn = int(plan.features.get("max_pfn", 0))
+    out.append(f"Memory Hole     : 0x{max(max_pfn - original, 0):016x}")
+    out.append(f"Total pages     : 0x{max_pfn:016x}")
+    return out
+
+
 def cmd_survey(args: argparse.Namespace) -> int:
     plan, refusal = _build_plan(args)
     # Refused, the counts are those dump level 31 would give (for reference); the header and
@@ -181,13 +240,8 @@ def cmd_survey(args: argparse.Namespace) -> int:
     if refusal:
         print(f"Pages per makedumpfile category (as dump level {plan.dump_level} would count "
               "them, for reference):")
-    else:
-        print("Excluded pages (makedumpfile categories):")
-    for key, label in _CATEGORY_LABELS:
-        value = plan.categories.get(key)
-        shown = "not computed" if value is None else f"0x{value:016x}"
-        print(f"  {label:<26}: {shown}")
-    print(f"  {'Total pages':<26}: 0x{plan.total_pages:016x}")
+    for line in _accounting_lines(plan):
+        print(line)
     if refusal:
         print(f"reusable: none: refused by {refusal}")
     else:
@@ -195,12 +249,31 @@ def cmd_survey(args: argparse.Namespace) -> int:
               f"in {len(plan.extents)} extents")
     for rule in plan.features.get("safety_rules", []):
         print(f"safety: {rule}")
-    for rule, why in plan.withheld.items():
-        print(f"withheld {rule}: {why}")
+    for line in _withheld_lines(plan):
+        print(line)
     feats: dict[str, Any] = {
         k: v for k, v in plan.features.items() if k not in ("safety_rules",)}
     print("layout: " + ", ".join(f"{k}={v}" for k, v in sorted(feats.items())))
     return 0
+
+
+def _withheld_lines(plan: Plan) -> list[str]:
+    """One line per safety rule (and reason) that took pages away, with how many; classes
+    withheld for one reason share a line."""
+    groups: dict[tuple[str, str], tuple[int | None, list[str]]] = {}
+    for key, why in plan.withheld.items():
+        pages = plan.withheld_pages.get(key)
+        # class keys come from rule 6 (what the collector would still dump)
+        label = key.partition(": ")[0] if key.startswith("rule ") else "rule 6"
+        total, classes = groups.get((label, why), (0, []))
+        total = None if total is None or pages is None else total + pages
+        groups[(label, why)] = (total, classes + ([] if key.startswith("rule ") else [key]))
+    out = []
+    for (label, why), (pages, classes) in groups.items():
+        count = "" if pages is None else f"{pages} pages ({human_size(pages * 4096)})"
+        of = f" of class{'es' if len(classes) > 1 else ''} {', '.join(classes)}" if classes else ""
+        out.append(f"withheld by {label}: {count}{of}: {why}")
+    return out
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -209,6 +282,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan, _ = _build_plan(args)
     write_extents_file(args.extents, plan.extents, inputs)
     where = "standard output" if args.extents == STDOUT else args.extents
+    for line in _withheld_lines(plan):
+        print(line, file=sys.stderr)
     print(f"{len(plan.extents)} extents, {plan.reusable_pages} pages "
           f"({human_size(plan.reusable_bytes)}) written to {where}", file=sys.stderr)
     return 0
@@ -268,6 +343,10 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-cmdline", metavar="FILE", default=None,
                         help="the capture kernel's /proc/cmdline, to check a plan offline "
                              "(default: as --host-iomem)")
+    parser.add_argument("--host-nfit", metavar="FILE", action="append", default=None,
+                        help="the capture kernel's /sys/firmware/acpi/tables/NFIT (repeat for "
+                             "NFIT1...), to check persistent memory offline (default: none; "
+                             "without it, memory sections hot-added after boot are withheld)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,12 @@ from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
 from kdumpd.mm.extents import ExtentBuilder
 from kdumpd.mm.memmap import MemSections, Section
 from kdumpd.mm.pagelayout import PageLayout
+from kdumpd.mm.plausible import KERNEL_PROBE_PAGES, Evidence, check
 from kdumpd.mm.policy import ReusePolicy
+from kdumpd.mm.zones import free_pages_counter
 from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
 from kdumpd.vmcore.core import Vmcore
+from kdumpd.vmcore.elf import kernel_text_loads
 from kdumpd.xlat import Translator, make_translator
 from kdumpd.xlat.vmem import VirtMem
 
@@ -45,7 +48,11 @@ class Plan:
     categories: dict[str, int | None]
     total_pages: int
     features: dict[str, Any] = field(default_factory=dict)
+    # What a safety rule took away from the plan: key -> why, and key -> pages it took
+    # (for a withheld class: that class's pages; for a rule cutting ranges: the pages it
+    # removed from the plan that the rules before it had left).
     withheld: dict[str, str] = field(default_factory=dict)
+    withheld_pages: dict[str, int] = field(default_factory=dict)
 
     @property
     def reusable_pages(self) -> int:
@@ -67,8 +74,13 @@ class Plan:
             "reusable_bytes": self.reusable_bytes,
             "extents": len(self.extents),
             "features": self.features,
-            "withheld": self.withheld,
+            "withheld": self.withheld_json(),
         }
+
+    def withheld_json(self) -> dict[str, dict[str, Any]]:
+        """``withheld`` with the page count of each entry, for reports."""
+        return {key: {"reason": why, "pages": self.withheld_pages.get(key)}
+                for key, why in self.withheld.items()}
 
 
 class _StructPageReader:
@@ -138,6 +150,7 @@ def make_plan(
     withheld: dict[PageClass, str] | None = None,
     forbidden: Sequence[tuple[int, int, str]] = (),
     min_run_pages: int = 1,
+    withhold_hotplugged: bool = False,
     count_zero: bool = False,
     progress: Progress | None = None,
 ) -> Plan:
@@ -145,7 +158,8 @@ def make_plan(
 
     ``withheld`` classes are never reused (the safety gate's collector rule); ``forbidden``
     physical byte ranges ``(start, end, reason)`` are cut out of the extents; extents shorter
-    than ``min_run_pages`` after splitting at PT_LOAD boundaries are dropped (ELF output).
+    than ``min_run_pages`` after splitting at PT_LOAD boundaries are dropped (ELF output);
+    ``withhold_hotplugged`` keeps out sections not present at boot (rule 4's offline fallback).
     """
     info = vm.info
     layout = PageLayout.from_vmcoreinfo(info)
@@ -153,6 +167,10 @@ def make_plan(
     five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
     sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
     policy = ReusePolicy.build(dump_level, layout, withheld)
+    reuse_lut = native.lut(policy.classes)
+    candidates = 0  # reusable by class in usable sections, before the poison veto
+    offline_pages = 0  # reusable by class but in a section that is not online
+    hotplugged_pages = 0  # reusable by class but in a section added after boot (withheld)
     classifier = Classifier(layout)
     reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
@@ -163,6 +181,11 @@ def make_plan(
     total = sum(end - start for start, end, _, _ in spans)
     done = 0
     vmemmap = info.symbols.get("vmemmap")
+    probes = [(s.p_paddr >> PAGE_SHIFT,
+               (s.p_paddr >> PAGE_SHIFT) + min(KERNEL_PROBE_PAGES, s.p_memsz >> PAGE_SHIFT))
+              for s in kernel_text_loads(vm.header.loads)]
+    evidence = Evidence()
+    checks = native.new_counts()
     for start, end, usable_start, usable_end in spans:
         classifier.skip_to(start)
         for section in sections.iter_sections(start, end):
@@ -179,11 +202,28 @@ def make_plan(
                     f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
                     f"SYMBOL(vmemmap)={vmemmap:#x}"
                 )
-            result = classifier.classify(a, reader.read(section, a, b))
+            pages = reader.read(section, a, b)
+            result = classifier.classify(a, pages)
+            classifier.check_pages(pages, section.page_vaddr(a, layout.size_page), checks)
+            for lo, hi in probes:
+                for pfn in range(max(lo, a), min(hi, b)):
+                    evidence.kernel_pages[pfn] = result.classes[pfn - a]
             for lo, hi in result.retract:
                 builder.withdraw(lo, hi)
-            usable = (usable_start - a, usable_end - a) if section.usable else (0, 0)
+            late = withhold_hotplugged and not section.early
+            ok = section.usable and not late
+            usable = (usable_start - a, usable_end - a) if ok else (0, 0)
             runs = policy.reusable_runs(result.classes, result.poisoned, usable)
+            lo, hi = max(usable_start - a, 0), min(usable_end - a, npages)
+            if lo < hi:
+                by_class = sum(y - x for x, y in native.runs(result.classes, reuse_lut,
+                                                             None, lo, hi))
+                if ok:
+                    candidates += by_class
+                elif not section.usable:
+                    offline_pages += by_class
+                else:
+                    hotplugged_pages += by_class
             builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
             native.count(result.classes, chunk_counts)
             if count_zero:
@@ -194,9 +234,33 @@ def make_plan(
     for c in PageClass:
         if chunk_counts[c]:
             counts[c] += int(chunk_counts[c])
-    for start_paddr, end_paddr, _why in forbidden:
+    evidence.heads, evidence.bad_heads = int(checks[0]), int(checks[1])
+    evidence.anon_lru, evidence.anon_not_swapbacked = int(checks[2]), int(checks[3])
+    evidence.free_pages = counts[PageClass.FREE] + counts[PageClass.UNACCEPTED]
+    evidence.free_counter = free_pages_counter(info, xlat_read_u64(xlat, vm))
+    check(evidence, layout)
+    withheld_why = dict(policy.withheld)
+    withheld_pages = {key: sum(counts[c] for c in PageClass if c.name.lower() == key)
+                      for key in withheld_why}
+    taken = {
+        "rule 2: buddy blocks and folios holding a PG_hwpoison page": candidates - builder.npages,
+        "rule 5: memory sections that are not online": offline_pages,
+        "rule 4: memory sections hot-added after boot (persistent memory onlined as kmem "
+        "looks like this; without the capture kernel's NFIT it cannot be told apart)":
+            hotplugged_pages,
+    }
+    for start_paddr, end_paddr, key in forbidden:
+        before = builder.npages
         builder.withdraw(start_paddr >> PAGE_SHIFT, -(-end_paddr // PAGE_SIZE))
+        taken[key] = taken.get(key, 0) + before - builder.npages
+    before = builder.npages
     extents = _split_and_filter(builder.extents(), spans, min_run_pages)
+    taken[f"rule 6: excluded runs shorter than {min_run_pages} pages (ELF output)"] = (
+        before - sum(e.npages for e in extents))
+    for key, n_taken in taken.items():
+        if n_taken:
+            withheld_why[key] = key.split(": ", 1)[1]
+            withheld_pages[key] = n_taken
     class_pages = {PageClass(c).name.lower(): n for c, n in sorted(counts.items())}
     categories: dict[str, int | None] = {
         name: sum(counts.get(c, 0) for c in members) for name, members in MDF_CATEGORIES.items()
@@ -213,6 +277,12 @@ def make_plan(
         "vmemmap_symbol": vmemmap is not None,
         "pt_loads": len(vm.header.loads),
         "ram_ranges": len(vm.phys.ranges),
+        # makedumpfile's accounting (survey prints it): it counts the kernel-text PT_LOAD's
+        # pages a second time (the load duplicates RAM) and reports up to the last RAM pfn.
+        "kernel_text_pages": sum(s.p_memsz >> PAGE_SHIFT
+                                 for s in kernel_text_loads(vm.header.loads)),
+        "max_pfn": max((end for _, end, _, _ in spans), default=0),
+        "plausibility": evidence.summary(),
     }
     plan = Plan(
         osrelease=info.osrelease,
@@ -223,7 +293,8 @@ def make_plan(
         categories=categories,
         total_pages=total,
         features=features,
-        withheld=dict(policy.withheld),
+        withheld=withheld_why,
+        withheld_pages=withheld_pages,
     )
     log.info(
         "planned %d reusable pages (%d MiB) in %d extents at dump level %d",

@@ -38,8 +38,10 @@ class GatedPlan:
 
 
 def collector_version(program: str = "makedumpfile") -> str | None:
-    """The installed makedumpfile's version ("1.7.2"), or None if it is not installed."""
-    path = shutil.which(program)
+    """The version ("1.7.2") of the makedumpfile the collector line names: ``program`` is its
+    argv[0], a path (asked directly) or a bare name (looked up on PATH, as the shell running
+    the collector would); None if there is no such program or it says no version."""
+    path = program if "/" in program else shutil.which(program)
     if path is None:
         return None
     try:
@@ -81,7 +83,7 @@ def gated_plan(
         source = discover(config_root) or CollectorSource(
             DEFAULT_COLLECTOR, "default (no kdump configuration found)")
     parsed = parse_collector(source.cmdline)
-    version = collector_version() if parsed.kind == "makedumpfile" else None
+    version = collector_version(parsed.program) if parsed.kind == "makedumpfile" else None
     layout = PageLayout.from_vmcoreinfo(vm.info)
     try:
         records = read_crash_log(vm)
@@ -101,8 +103,9 @@ def gated_plan(
     plan = make_plan(
         vm, decision.dump_level,
         withheld=decision.withheld,
-        forbidden=[(r.start_paddr, r.end_paddr, r.reason) for r in decision.forbidden],
+        forbidden=[(r.start_paddr, r.end_paddr, r.key) for r in decision.forbidden],
         min_run_pages=decision.min_run_pages,
+        withhold_hotplugged=decision.withhold_hotplugged,
         count_zero=count_zero,
         progress=progress,
     )

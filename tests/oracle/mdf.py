@@ -50,6 +50,8 @@ def _parse_report(text: str) -> dict[str, int]:
         "Hwpoison pages": "hwpoison",
         "Offline pages": "offline",
         "Remaining pages": "remaining",
+        "Original pages": "original",
+        "Excluded pages": "excluded",
         "Memory Hole": "hole",
         "Total pages": "total",
     }

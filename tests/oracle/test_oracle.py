@@ -1,12 +1,14 @@
 """kdumpd's classification against makedumpfile on real vmcores from real kernels, page by page.
 
 Known, explained differences (each is asserted, so a new difference fails):
-* makedumpfile's "Total pages"/"Remaining pages" count the kernel-text PT_LOAD a second time
-  (it duplicates part of a RAM PT_LOAD); kdumpd counts every physical page once.
+* makedumpfile's "Original pages"/"Remaining pages" count the kernel-text PT_LOAD a second
+  time (it duplicates part of a RAM PT_LOAD); kdumpd counts every physical page once, and
+  ``survey`` prints makedumpfile's accounting from that (checked line by line below).
 * Debian's makedumpfile 1.7.2 does not know 6.12's layout (PAGE_HUGETLB_MAPCOUNT_VALUE,
-  order in folio._flags_1): it treats THP heads and hugetlb folios as order 0, so it dumps THP
-  tails and hugetlb pages that kdumpd (like makedumpfile >= 1.7.7) classifies as user. Those
-  pages must not be reused with that collector; the safety gate's collector check does that.
+  order in folio._flags_1): it treats THP heads and hugetlb folios as order 0, so it dumps the
+  folio tails (``*_TAIL`` classes) and the hugetlb heads not mapped anonymously, which kdumpd
+  (like makedumpfile >= 1.7.7) classifies as user. Exactly those pages must not be reused with
+  that collector; the safety gate's collector check withholds them and nothing else.
 * 1.7.2 on 6.12 also takes slab pages for user data (it predates PAGE_SLAB_MAPCOUNT_VALUE and
   slab.slab_cache overlays page.mapping); kdumpd keeps them, which is the safe direction.
 * Zero pages: kdumpd never reuses on account of zero content, so the subset check is against
@@ -25,6 +27,7 @@ import pytest
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.policy import excluded_classes
 from kdumpd.plan import Plan, make_plan
+from kdumpd.safety.collector import FOLIO_TAILS
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore
 from kdumpd.vmcore.elf import kernel_text_loads
@@ -39,6 +42,10 @@ def real(request: pytest.FixtureRequest) -> Path:
     return vmcore_dir(request.param) / "vmcore"
 
 
+# What 1.7.2 dumps on 6.12 although kdumpd (and makedumpfile >= 1.7.7) classify it as user.
+_MISSED_BY_172 = {int(c) for c in FOLIO_TAILS} | {int(PageClass.USER_HUGETLB)}
+
+
 def _is_612_layout(plan: Plan) -> bool:
     return plan.features["compound_order_source"].startswith("flags_1")
 
@@ -51,10 +58,9 @@ def test_reusable_is_subset_of_makedumpfile_exclusion(real: Path, tmp_path: Path
         reusable[ext.start_pfn : ext.end_pfn] = True
     bad = np.nonzero(reusable & ~ref.excluded)[0]
     if _is_612_layout(plan) and ref.version.startswith("1.7.2"):
-        # 1.7.2 dumps THP tails and hugetlb on 6.12: kdumpd's class "user" is wider there.
+        # 1.7.2 dumps folio tails and non-anonymous hugetlb heads on 6.12, nothing else
         _, classes = class_map(real)
-        user = np.isin(classes[: len(ref.present)], [PageClass.USER_ANON, PageClass.USER_HUGETLB])
-        assert not (reusable & ~ref.excluded & ~user).any()
+        assert set(np.unique(classes[bad]).tolist()) <= _MISSED_BY_172
         assert len(bad) > 0, "1.7.2 on 6.12 was expected to miss THP tails/hugetlb"
     else:
         assert len(bad) == 0, f"{len(bad)} reusable pfns are dumped by makedumpfile: {bad[:8]}"
@@ -74,9 +80,8 @@ def test_single_level_matches_page_by_page(real: Path, tmp_path: Path, level: in
     only_ours = np.nonzero(ours & ~theirs)[0]
     only_theirs = np.nonzero(theirs & ~ours)[0]
     if _is_612_layout(plan) and ref.version.startswith("1.7.2") and level == 8:
-        # Explained in the module docstring: 1.7.2 keeps THP tails and hugetlb folios...
-        assert set(np.unique(classes[only_ours]).tolist()) <= {
-            PageClass.USER_ANON, PageClass.USER_HUGETLB}
+        # Explained in the module docstring: 1.7.2 keeps folio tails and hugetlb heads...
+        assert set(np.unique(classes[only_ours]).tolist()) <= _MISSED_BY_172
         assert len(only_ours) > 0
         # ...and, not knowing PAGE_SLAB_MAPCOUNT_VALUE (6.10+), takes slab pages whose
         # slab_cache overlay looks anonymous for user data. kdumpd keeps them.
@@ -146,15 +151,22 @@ def _reusable_mask(plan: Plan, n: int) -> np.ndarray:
 def test_gated_plan_is_subset_for_the_installed_collector(real: Path, tmp_path: Path) -> None:
     """Behind the safety gate there are no exceptions: with the installed makedumpfile as the
     collector (1.7.2 here, wrong about THP/hugetlb on 6.12), every planned page is one that
-    collector leaves out of the dump."""
+    collector leaves out of the dump. And the gate withholds no more than it must: the plan
+    covers every page of kdumpd's -d 31 classes that this collector really excludes (on 6.12
+    1.7.2 excludes the plain anonymous pages, and they stay reusable)."""
     from kdumpd.safeplan import gated_plan
 
     ref = mdf.run(real, 31, tmp_path)
     with open_vmcore(real) as vm:
         plan = gated_plan(vm, collector="makedumpfile -l -d 31").plan
-    reusable = _reusable_mask(plan, len(ref.present))
+        ungated = make_plan(vm, 31)
+    n = len(ref.present)
+    reusable = _reusable_mask(plan, n)
     assert plan.reusable_pages > 0
     assert not (reusable & ~ref.excluded).any()
+    possible = int((_reusable_mask(ungated, n) & ref.excluded).sum())
+    coverage = int(reusable.sum()) / possible
+    assert coverage >= 0.99, f"the gate forgoes {1 - coverage:.1%} of what the collector excludes"
 
 
 def test_gated_plan_for_elf_output_avoids_short_runs(real: Path, tmp_path: Path) -> None:
@@ -181,3 +193,22 @@ def test_gated_plan_for_elf_output_avoids_short_runs(real: Path, tmp_path: Path)
     assert not (_reusable_mask(plan, end) & written).any()
     # ...and the rule is needed: the -l plan would have put pages into that ELF file
     assert (_reusable_mask(naive, end) & written).any()
+
+
+@pytest.mark.parametrize(("level", "extra"), [(31, ["--count-zero"]), (16, []), (24, [])])
+def test_survey_prints_makedumpfiles_accounting(real: Path, tmp_path: Path, level: int,
+                                                extra: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15, items 4 and 6: ``survey -d LEVEL`` prints makedumpfile's report number for
+    number (Original, Excluded, each category, Remaining, Memory Hole, Total)."""
+    from kdumpd.cli import main
+
+    ref = mdf.run(real, level, tmp_path)
+    assert main(["survey", str(real), "-d", str(level), *extra]) == 0
+    ours = mdf._parse_report(capsys.readouterr().out)
+    plan, _ = class_map(real)
+    keys = ["original", "hole", "total"]
+    if not (_is_612_layout(plan) and ref.version.startswith("1.7.2")):
+        keys += ["excluded", "zero", "cache", "cache_private", "user", "free", "hwpoison",
+                 "offline", "remaining"]
+    assert {k: ours.get(k) for k in keys} == {k: ref.report.get(k) for k in keys}

@@ -150,7 +150,7 @@ class Machine:
         self.mem.write_u64(self.roots_paddr, self.page_offset + self.sections_paddr)
         nsections = -(-self.ram // (1 << SECTION_BITS))
         for nr in range(nsections):
-            self.set_section(nr, 0x7)  # present | has_mem_map | online
+            self.set_section(nr, 0xF)  # present | has_mem_map | online | early (boot memory)
         # The VA of SYMBOL(init_top_pgt) must translate through the kernel-image mapping.
         self.init_top_pgt_va = START_KERNEL_MAP + (self.pt.root - self.phys_base)
 
@@ -260,8 +260,25 @@ class Machine:
     def flag(self, name: str) -> int:
         return 1 << int(self.info[f"NUMBER({name})"])
 
+    def set_free_counter(self, free_pages: int) -> None:
+        """One online node whose only zone's vm_stat[NR_FREE_PAGES] says ``free_pages``,
+        reachable through SYMBOL(node_data) and SYMBOL(node_online_map) as on a real kernel."""
+        info = self.info
+        pgdat = self.mem.alloc(int(info["SIZE(pglist_data)"]), 64)
+        node_data = self.mem.alloc(8 * int(info["LENGTH(node_data)"]), 64)
+        online = self.mem.alloc(int(info["SIZE(nodemask_t)"]), 64)
+        self.mem.write_u64(node_data, self.kva(pgdat))
+        self.mem.write_u64(online, 1)
+        self.mem.write(pgdat + int(info["OFFSET(pglist_data.nr_zones)"]), struct.pack("<i", 1))
+        zone = pgdat + int(info["OFFSET(pglist_data.node_zones)"])
+        stat = zone + int(info["OFFSET(zone.vm_stat)"]) + 8 * int(info["NUMBER(NR_FREE_PAGES)"])
+        self.mem.write_u64(stat, free_pages)
+        self.node_symbols = {"SYMBOL(node_data)": f"{self.kva(node_data):x}",
+                             "SYMBOL(node_online_map)": f"{self.kva(online):x}"}
+
     def vmcoreinfo(self) -> str:
         info = dict(self.info)
+        info.update(getattr(self, "node_symbols", {}))
         self._write_log(info)
         info["SYMBOL(init_top_pgt)"] = f"{self.init_top_pgt_va:x}"
         info["NUMBER(phys_base)"] = str(self.phys_base)

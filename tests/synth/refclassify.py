@@ -21,6 +21,13 @@ _RANGE_CLASSES = frozenset(
         PageClass.USER_ANON, PageClass.USER_HUGETLB, PageClass.HWPOISON, PageClass.OFFLINE,
     }
 )
+# The class of the pages after the head of a compound range (buddy blocks keep theirs).
+_TAIL_OF = {
+    PageClass.CACHE: PageClass.CACHE_TAIL,
+    PageClass.CACHE_PRIVATE: PageClass.CACHE_PRIVATE_TAIL,
+    PageClass.USER_ANON: PageClass.USER_ANON_TAIL,
+    PageClass.USER_HUGETLB: PageClass.USER_HUGETLB_TAIL,
+}
 _RANGE_LUT = np.zeros(256, dtype=bool)
 for _c in _RANGE_CLASSES:
     _RANGE_LUT[_c] = True
@@ -215,12 +222,14 @@ class RefClassifier:
             length = int(nr[i])
             stop = min(i + length, n)
             cls[i:stop] = own[i]
+            tail_cls = int(_TAIL_OF.get(PageClass(int(own[i])), own[i]))
+            cls[i + 1 : stop] = tail_cls
             bad = bool(csum[stop] - csum[i])
             if bad:
                 poisoned[i:stop] = True
             covered_until = stop
             if i + length > n:
-                self._carry = _Carry(int(own[i]), start_pfn + i, start_pfn + i + length, bad)
+                self._carry = _Carry(tail_cls, start_pfn + i, start_pfn + i + length, bad)
         return cls, poisoned, retract
 
     def skip_to(self, pfn: int) -> None:

@@ -52,8 +52,8 @@ def _random_pages(lay: PageLayout, n: int, rng: random.Random) -> bytearray:
             flags |= 1 << lay.pg_hwpoison
         if rng.random() < 0.12:
             flags |= head_mask
-        if rng.random() < 0.3:
-            flags |= rng.randrange(256)  # page[1] of a head: the order in the low byte
+        if rng.random() < 0.3:  # page[1] of a head: the order in the low byte
+            flags = (flags & ~0xFF) | rng.choice([1, 2, 3, 9, rng.randrange(256)])
         if rng.random() < 0.02:
             flags |= rng.getrandbits(64)
         mapcount = (rng.choices(values, weights)[0] if rng.random() < 0.95
@@ -75,6 +75,44 @@ def _random_pages(lay: PageLayout, n: int, rng: random.Random) -> bytearray:
     return raw
 
 
+def _put(lay: PageLayout, raw: bytearray, i: int, field: str, value: int) -> None:
+    off, width = {"flags": (lay.off_flags, 8), "mapping": (lay.off_mapping, 8),
+                  "_mapcount": (lay.off_mapcount, 4), "head": (lay.off_compound_head, 8)}[field]
+    base = i * lay.size_page + off
+    raw[base : base + width] = value.to_bytes(width, "little")
+
+
+def _plant_folios(lay: PageLayout, raw: bytearray, pfn: int, rng: random.Random) -> None:
+    """A few well-formed order-1/2 folios of each excluded kind (cache, private cache, anon,
+    hugetlb), so that every ``*_TAIL`` class is reached on every layout."""
+    n = len(raw) // lay.size_page
+    for _ in range(rng.randrange(3)):
+        order = rng.choice([1, 2])
+        i = rng.randrange(n)
+        i -= (pfn + i) % (1 << order)
+        if i < 0 or i + 1 >= n:
+            continue
+        kind = rng.choice(["cache", "private", "anon", "hugetlb"])
+        flags = lay.pg_head_mask | {"cache": 1 << lay.pg_lru, "anon": 0, "hugetlb": 0,
+                                    "private": (1 << lay.pg_lru) | (1 << lay.pg_private)}[kind]
+        _put(lay, raw, i, "flags", flags)
+        _put(lay, raw, i, "mapping", 0x1001 if kind == "anon" else 0)
+        _put(lay, raw, i, "head", 0)
+        _put(lay, raw, i, "_mapcount", 0xFFFFFFFF)
+        flags1 = 0
+        if lay.off_order is not None and lay.off_dtor is not None:
+            raw[(i + 1) * lay.size_page + lay.off_order] = order
+            hugetlb = lay.hugetlb_dtor if kind == "hugetlb" else 0
+            raw[(i + 1) * lay.size_page + lay.off_dtor] = hugetlb or 0
+        else:
+            flags1 = order
+            if kind == "hugetlb" and lay.pg_hugetlb is not None:
+                flags1 |= 1 << lay.pg_hugetlb
+            if kind == "hugetlb" and lay.hugetlb_value is not None:
+                _put(lay, raw, i, "_mapcount", lay.hugetlb_value)
+        _put(lay, raw, i + 1, "flags", flags1)
+
+
 def _stream(lay: PageLayout, rng: random.Random, seen: Counter[int]) -> int:
     """Run one random stream through both classifiers; return the number of retractions."""
     ours, model = Classifier(lay), RefClassifier(lay)
@@ -87,6 +125,7 @@ def _stream(lay: PageLayout, rng: random.Random, seen: Counter[int]) -> int:
             model.skip_to(pfn)
         n = rng.choice([1, 2, rng.randrange(3, 64), rng.randrange(64, 700)])
         raw = _random_pages(lay, n, rng)
+        _plant_folios(lay, raw, pfn, rng)
         examined = np.ones(n, dtype=bool)
         if rng.random() < 0.3:
             a = rng.randrange(n)

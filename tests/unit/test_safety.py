@@ -4,14 +4,14 @@ facts and the decision, each rule forced on its own."""
 from __future__ import annotations
 
 import pytest
-from tests.synth.builder import DATA
+from tests.synth.builder import DATA, layout_variant
 
 from kdumpd.crash.dmesg import LogRecord
 from kdumpd.crash.facts import CrashFacts, crash_facts
 from kdumpd.errors import ConfigError
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.pagelayout import PageLayout
-from kdumpd.safety.collector import parse_collector, withheld_classes
+from kdumpd.safety.collector import FOLIO_TAILS, parse_collector, withheld_classes
 from kdumpd.safety.gate import decide
 from kdumpd.safety.hostfacts import parse_host_facts
 from kdumpd.safety.kdumpconf import discover, from_fedora_conf, from_kdump_tools
@@ -20,6 +20,10 @@ from kdumpd.vmcore.vmcoreinfo import parse_vmcoreinfo
 
 
 def _layout(kernel: str) -> PageLayout:
+    if kernel not in ("6.1", "6.12"):
+        info = layout_variant("6.1", kernel)
+        text = "".join(f"{k}={v}\n" for k, v in info.items())
+        return PageLayout.from_vmcoreinfo(parse_vmcoreinfo(text.encode()))
     return PageLayout.from_vmcoreinfo(
         parse_vmcoreinfo((DATA / f"vmcoreinfo-{kernel}.txt").read_bytes()))
 
@@ -64,10 +68,15 @@ def test_kdump_configs(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_collector_capabilities_by_layout() -> None:
     assert withheld_classes("1.7.2", _layout("6.1")) == {}
     w = withheld_classes("1.7.2", _layout("6.12"))
-    assert set(w) == {PageClass.USER_ANON, PageClass.USER_HUGETLB}, "verified here on 6.12"
+    # verified here page by page on 6.12: folio tails and non-anonymous hugetlb heads only
+    assert set(w) == {*FOLIO_TAILS, PageClass.USER_HUGETLB}
+    assert PageClass.USER_ANON not in w and PageClass.CACHE not in w
+    assert set(withheld_classes("1.7.3", _layout("pg_hugetlb-6.6"))) == set(w)
+    assert withheld_classes("1.7.4", _layout("pg_hugetlb-6.6")) == {}
     assert set(withheld_classes("1.7.6", _layout("6.12"))) >= {PageClass.FREE}
     assert withheld_classes("1.7.9", _layout("6.12")) == {}
-    assert PageClass.FREE in withheld_classes(None, _layout("6.12"))
+    unknown = withheld_classes(None, _layout("6.12"))
+    assert {PageClass.FREE, PageClass.USER_ANON, *FOLIO_TAILS} <= set(unknown)
 
 
 IOMEM_KDUMP = """\
@@ -140,7 +149,7 @@ def test_decide_each_rule() -> None:
     assert _decide(crash=no_addr, mce_policy="exclude-range").refusal.startswith("rule 1")
     assert _decide(crash=CrashFacts(nocoredump_note="NOCOREDUMP")).refusal.startswith("rule 1")
     assert _decide(collector=parse_collector("makedumpfile -E -d 31")).min_run_pages == 256
-    assert set(_decide(layout=_layout("6.12")).withheld) == {PageClass.USER_ANON,
+    assert set(_decide(layout=_layout("6.12")).withheld) == {*FOLIO_TAILS,
                                                              PageClass.USER_HUGETLB}
     with pytest.raises(ConfigError):
         _decide(mce_policy="ignore")

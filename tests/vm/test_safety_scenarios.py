@@ -117,6 +117,10 @@ def test_persistent_memory_is_never_planned() -> None:
     plan = _plan("pmem-kmem-6.1", host=host)
     (lo, hi), = ((a >> PAGE_SHIFT, b >> PAGE_SHIFT) for a, b in hz["pmem"])
     assert not _mask(plan, hi + 1)[lo:hi].any()
-    # without the table the kmem range would have been planned: the rule is what stops it
-    bare = _plan("pmem-kmem-6.1", host=parse_host_facts("", ""))
+    # a host without the table (known to have none) would have had the kmem range planned:
+    # the rule is what stops it...
+    bare = _plan("pmem-kmem-6.1", host=parse_host_facts("", "", nfit_tables=[]))
     assert _mask(bare, hi + 1)[lo:hi].any()
+    # ...and when the table is unknown (offline), the hot-added sections are withheld
+    unknown = _plan("pmem-kmem-6.1", host=parse_host_facts("", ""))
+    assert not _mask(unknown, hi + 1)[lo:hi].any()

@@ -27,6 +27,12 @@
 #define KDUMPD_PC_HWPOISON 10
 #define KDUMPD_PC_OFFLINE 11
 #define KDUMPD_PC_TAIL 12
+/* The pages after the head of an excluded compound folio (not of a buddy block): a
+ * collector that cannot read the folio's order dumps them while it excludes the head. */
+#define KDUMPD_PC_CACHE_TAIL 13
+#define KDUMPD_PC_CACHE_PRIVATE_TAIL 14
+#define KDUMPD_PC_USER_ANON_TAIL 15
+#define KDUMPD_PC_USER_HUGETLB_TAIL 16
 
 /* Where the compound order and hugetlb marker of a head live (see OrderSource). */
 #define KDUMPD_ORDER_FLAGS1_MAPCOUNT 0 /* order in page[1].flags & 0xff, hugetlb page type */
@@ -162,6 +168,20 @@ static uint8_t own_class(const struct kdumpd_layout *L, const unsigned char *pag
     return KDUMPD_PC_KERNEL;
 }
 
+/* The class of the pages after the head of a range of class c: its *_TAIL class when the
+ * range is a compound folio, c itself for buddy blocks (free, unaccepted) and for classes
+ * that are never reused (hwpoison, offline). */
+static inline uint8_t tail_class(uint8_t c)
+{
+    switch (c) {
+    case KDUMPD_PC_CACHE: return KDUMPD_PC_CACHE_TAIL;
+    case KDUMPD_PC_CACHE_PRIVATE: return KDUMPD_PC_CACHE_PRIVATE_TAIL;
+    case KDUMPD_PC_USER_ANON: return KDUMPD_PC_USER_ANON_TAIL;
+    case KDUMPD_PC_USER_HUGETLB: return KDUMPD_PC_USER_HUGETLB_TAIL;
+    default: return c;
+    }
+}
+
 static int any_set(const unsigned char *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -227,12 +247,12 @@ static int kdumpd_classify(const struct kdumpd_layout *L, const unsigned char *p
             continue;
         stop = (uint64_t)nr > n - i ? n : i + (size_t)nr;
         bad = any_set(poisoned + i, stop - i);
-        memset(cls + i, c, stop - i);
+        memset(cls + i + 1, tail_class(c), stop - i - 1);
         if (bad)
             memset(poisoned + i, 1, stop - i);
         if ((uint64_t)nr > n - i) {
             carry->active = 1;
-            carry->cls = c;
+            carry->cls = tail_class(c); /* the head is in this chunk */
             carry->start_pfn = start_pfn + i;
             carry->end_pfn = start_pfn + i + (uint64_t)nr;
             carry->poisoned = bad;
@@ -262,6 +282,32 @@ static size_t kdumpd_runs(const unsigned char *vals, const unsigned char *veto, 
         runs++;
     }
     return runs;
+}
+
+/* Plausibility checks of the layout over n struct pages (vaddr0: address of the first):
+ * counts[0] += compound heads (PG_head, not the last page), counts[1] += heads whose page[1]
+ * is not a tail pointing back at them (compound_head == the head's address | 1);
+ * counts[2] += anonymous pages on the LRU (mapping & 1, PG_lru), counts[3] += those without
+ * PG_swapbacked (only MADV_FREE'd pages lack it on a real kernel). A wrong OFFSET of flags,
+ * compound_head or mapping makes most of them fail. */
+static void kdumpd_check_pages(const struct kdumpd_layout *L, const unsigned char *pages,
+                               size_t n, uint64_t vaddr0, uint64_t *counts)
+{
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *pg = pages + i * L->size_page;
+        uint64_t flags = rd64(pg + L->off_flags);
+        if ((flags & L->m_head) != 0 && i + 1 < n) {
+            counts[0]++;
+            if (rd64(pg + L->size_page + L->off_head) != ((vaddr0 + i * L->size_page) | 1))
+                counts[1]++;
+        }
+        if (L->m_swapbacked != 0 && (flags & L->m_lru) != 0
+            && (rd64(pg + L->off_mapping) & 1) != 0) {
+            counts[2]++;
+            if ((flags & L->m_swapbacked) == 0)
+                counts[3]++;
+        }
+    }
 }
 
 /* counts[v] += number of i with vals[i] == v. */

@@ -35,13 +35,23 @@ class PageClass(IntEnum):
     HWPOISON = 10
     OFFLINE = 11
     TAIL = 12  # compound tail whose head was not excluded: kept, like makedumpfile does
+    # The pages after the head of an excluded compound folio (a THP, a hugetlb page, a large
+    # page-cache folio), apart from the head: excluded with it, but a collector that cannot
+    # read the folio's order on this kernel excludes the head alone and dumps these.
+    CACHE_TAIL = 13
+    CACHE_PRIVATE_TAIL = 14
+    USER_ANON_TAIL = 15
+    USER_HUGETLB_TAIL = 16
 
 
 # makedumpfile's "Excluded pages" report lines, and the classes counted on each.
 MDF_CATEGORIES: dict[str, tuple[PageClass, ...]] = {
-    "cache": (PageClass.CACHE,),
-    "cache_private": (PageClass.CACHE_PRIVATE,),
-    "user": (PageClass.USER_ANON, PageClass.USER_HUGETLB),
+    "cache": (PageClass.CACHE, PageClass.CACHE_TAIL),
+    "cache_private": (PageClass.CACHE_PRIVATE, PageClass.CACHE_PRIVATE_TAIL),
+    "user": (
+        PageClass.USER_ANON, PageClass.USER_HUGETLB,
+        PageClass.USER_ANON_TAIL, PageClass.USER_HUGETLB_TAIL,
+    ),
     "free": (PageClass.FREE, PageClass.UNACCEPTED),
     "hwpoison": (PageClass.HWPOISON,),
     "offline": (PageClass.OFFLINE,),
@@ -136,7 +146,9 @@ class Classifier:
     * an examined page whose own class is excluded with its range (free, unaccepted, cache,
       private cache, user, hwpoison, offline) and whose range is longer than one page decides
       the class of every page of the range, examined or not; pages inside are not looked at
-      on their own, and ranges past the chunk's end carry over to the next chunk.
+      on their own, and ranges past the chunk's end carry over to the next chunk. The pages
+      after the head of a compound folio (not of a buddy block) get the head's ``*_TAIL``
+      class, so a collector that cannot read folio orders can be matched page by page.
     * PG_hwpoison pages, and every page of a range holding one, are poisoned; a carried range
       found poisoned later is retracted from the chunks it covered before.
     """
@@ -162,6 +174,10 @@ class Classifier:
             self._c_layout, self.layout.size_page, start_pfn, pages, examined, self._carry
         )
         return ChunkResult(start_pfn, classes, poisoned, [retract] if retract else [])
+
+    def check_pages(self, pages: native.ByteBuffer, vaddr0: int, counts: Any) -> None:
+        """Add the plausibility counts of ``pages`` (see ``native.check_pages``)."""
+        native.check_pages(self._c_layout, self.layout.size_page, pages, vaddr0, counts)
 
     def skip_to(self, pfn: int) -> None:
         """Tell the classifier a gap was skipped; a carried range ends at the gap."""

@@ -47,6 +47,11 @@ class Section:
         return bool(self.raw & SECTION_IS_ONLINE)
 
     @property
+    def early(self) -> bool:
+        """Present at boot (SECTION_IS_EARLY, 5.3+); hot-added memory (DIMMs, kmem) is not."""
+        return bool(self.raw & SECTION_IS_EARLY)
+
+    @property
     def usable(self) -> bool:
         """Present, online and described by a mem_map: the only sections kdumpd may reuse."""
         return self.present and self.has_mem_map and self.online

@@ -17,8 +17,8 @@ from typing import Any
 from kdumpd.errors import MissingExtensionError
 
 __all__ = [
-    "ByteBuffer", "Carry", "classify_chunk", "count", "is_zero", "lut", "new_counts",
-    "new_layout", "runs",
+    "ByteBuffer", "Carry", "check_pages", "classify_chunk", "count", "is_zero", "lut",
+    "new_counts", "new_layout", "runs",
 ]
 
 ByteBuffer = bytes | bytearray | memoryview
@@ -129,6 +129,19 @@ def count(vals: ByteBuffer, counts: Any) -> None:
     n = memoryview(vals).nbytes
     if n:
         lib.kdumpd_count(ffi.from_buffer(vals), n, counts)
+
+
+def check_pages(layout: Any, size_page: int, pages: ByteBuffer, vaddr0: int,
+                counts: Any) -> None:
+    """Add the plausibility counts of ``pages`` (struct pages whose first one is at virtual
+    address ``vaddr0``) into ``counts[0..3]``: compound heads, heads whose page[1] does not
+    point back, anonymous LRU pages, those without PG_swapbacked."""
+    view = memoryview(pages).cast("B")
+    if view.nbytes % size_page:
+        raise ValueError(f"{view.nbytes} bytes of struct pages is not a multiple of {size_page}")
+    if view.nbytes:
+        lib.kdumpd_check_pages(layout, ffi.from_buffer(view), view.nbytes // size_page,
+                               vaddr0 & 0xFFFFFFFFFFFFFFFF, counts)
 
 
 def new_counts() -> Any:

@@ -34,11 +34,12 @@ def excluded_classes(dump_level: int) -> set[PageClass]:
         raise ConfigError(f"dump level {dump_level} is outside 0..31")
     out: set[PageClass] = set()
     if dump_level & (DL_CACHE | DL_CACHE_PRIVATE):
-        out.add(PageClass.CACHE)
+        out |= {PageClass.CACHE, PageClass.CACHE_TAIL}
     if dump_level & DL_CACHE_PRIVATE:
-        out.add(PageClass.CACHE_PRIVATE)
+        out |= {PageClass.CACHE_PRIVATE, PageClass.CACHE_PRIVATE_TAIL}
     if dump_level & DL_USER:
-        out |= {PageClass.USER_ANON, PageClass.USER_HUGETLB}
+        out |= {PageClass.USER_ANON, PageClass.USER_HUGETLB,
+                PageClass.USER_ANON_TAIL, PageClass.USER_HUGETLB_TAIL}
     if dump_level & DL_FREE:
         out.add(PageClass.FREE)
     return out
@@ -70,10 +71,10 @@ class ReusePolicy:
             # makedumpfile issue #21: on 6.6..6.8 PG_hugetlb is set in folio._flags_1 of kernel
             # compound pages that are not hugetlb (the IDT); trust no page that is "user" only
             # because of that bit.
-            classes.discard(PageClass.USER_HUGETLB)
-            withheld["user_hugetlb"] = (
-                "PG_hugetlb in folio._flags_1 also marks kernel compound pages (6.6-6.8)"
-            )
+            why = "PG_hugetlb in folio._flags_1 also marks kernel compound pages (6.6-6.8)"
+            for klass in (PageClass.USER_HUGETLB, PageClass.USER_HUGETLB_TAIL):
+                classes.discard(klass)
+                withheld[klass.name.lower()] = why
         return cls(dump_level, frozenset(classes), withheld)
 
     def reusable_runs(

@@ -15,7 +15,9 @@ from kdumpd.errors import ConfigError
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.pagelayout import OrderSource, PageLayout
 
-__all__ = ["Collector", "parse_collector", "withheld_classes", "MIN_ELF_EXCLUDED_RUN"]
+__all__ = [
+    "FOLIO_TAILS", "MIN_ELF_EXCLUDED_RUN", "Collector", "parse_collector", "withheld_classes",
+]
 
 # makedumpfile -E (ELF output) writes excluded runs shorter than PFN_EXCLUDED (256) pages into
 # the file with their contents (makedumpfile.c, write_elf_pages_cyclic). Only longer runs are
@@ -31,6 +33,8 @@ class Collector:
     dump_level: int | None  # None: nothing is excluded (reuse nothing)
     elf_output: bool
     raw: str
+    program: str = "makedumpfile"  # argv[0] as written: a bare name or a path
+
 
     def describe(self) -> str:
         if self.kind != "makedumpfile":
@@ -50,7 +54,7 @@ def parse_collector(cmdline: str) -> Collector:
     prog = argv[0].rsplit("/", 1)[-1]
     if prog != "makedumpfile":
         kind = prog if prog in ("cp", "dd", "cat") else "unknown"
-        return Collector(kind, None, False, cmdline)
+        return Collector(kind, None, False, cmdline, argv[0])
     level: int | None = 0  # makedumpfile without -d dumps every page
     elf = False
     i = 1
@@ -78,12 +82,19 @@ def parse_collector(cmdline: str) -> Collector:
             if not 0 <= level <= 31:
                 raise ConfigError(f"collector {cmdline!r}: dump level {level} outside 0..31")
         i += 1
-    return Collector("makedumpfile", level, elf, cmdline)
+    return Collector("makedumpfile", level, elf, cmdline, argv[0])
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = re.findall(r"\d+", version)
     return tuple(int(p) for p in parts[:3]) if parts else (0,)
+
+
+# The pages after the head of an excluded compound folio; see PageClass.
+FOLIO_TAILS = (
+    PageClass.CACHE_TAIL, PageClass.CACHE_PRIVATE_TAIL,
+    PageClass.USER_ANON_TAIL, PageClass.USER_HUGETLB_TAIL,
+)
 
 
 def withheld_classes(version: str | None, layout: PageLayout) -> dict[PageClass, str]:
@@ -93,20 +104,21 @@ def withheld_classes(version: str | None, layout: PageLayout) -> dict[PageClass,
     * 1.7.3 (446c4f6): folio._folio_order/_folio_dtor, kernels 6.3-6.5.
     * 1.7.4 (9661c1d): order in folio._flags_1, PG_hugetlb, kernels 6.6-6.8.
     * 1.7.6 (985e575): hugetlb as a page type, kernels 6.9+.
-    * 1.7.7 (72c3414): typed compound pages, PGTY<<24 encoding, kernels 6.12+. Debian's
-      1.7.2 was verified here, page by page, to exclude free pages and order-0 anonymous pages
-      correctly on 6.12 but to dump THP tails and hugetlb folios; 1.7.6 on 6.12 was reported
-      not to find free pages at all (SONiC PR #25899), so 1.7.3-1.7.6 are not trusted for
-      free pages on that layout.
-    An unknown version is trusted for nothing on layouts newer than 6.2.
+    * 1.7.7 (72c3414): typed compound pages, PGTY<<24 encoding, kernels 6.12+.
+    A version older than the fix its layout needs cannot read a folio's order, so it takes
+    every compound head for a single page: it excludes the head on its own flags (anonymous,
+    page cache) and dumps the rest of the folio, and it does not see the hugetlb marker of a
+    head that is not mapped anonymously. Debian's 1.7.2 was verified here page by page on
+    real 6.12 vmcores to exclude free pages and every non-compound user and cache page (and
+    THP heads) correctly and to dump exactly the folio tails and non-anonymous hugetlb heads,
+    so only those are withheld: the plain anonymous pages stay reusable. 1.7.6 on 6.12 was
+    reported not to find free pages at all (SONiC PR #25899), so 1.7.3-1.7.6 are not trusted
+    for free pages on that layout. A collector of unknown version is trusted for no user
+    page and no folio tail on layouts newer than 6.2.
     """
     v = _version_tuple(version) if version else (0,)
+    name = f"makedumpfile {version or 'of unknown version'}"
     out: dict[PageClass, str] = {}
-
-    def withhold_user(why: str) -> None:
-        out[PageClass.USER_ANON] = why
-        out[PageClass.USER_HUGETLB] = why
-
     src = layout.order_source
     needed = {
         OrderSource.FOLIO_FIELDS: (1, 7, 3),
@@ -116,13 +128,16 @@ def withheld_classes(version: str | None, layout: PageLayout) -> dict[PageClass,
     if layout.page_type_top_byte:
         needed = (1, 7, 7)
         if (1, 7, 3) <= v < (1, 7, 7) or v == (0,):
-            out[PageClass.FREE] = (
-                f"makedumpfile {version or 'of unknown version'} misdetects free pages on the "
-                "6.12+ page_type encoding"
-            )
-    if needed is not None and v < needed:
-        withhold_user(
-            f"makedumpfile {version or 'of unknown version'} cannot exclude THP tails and "
-            f"hugetlb pages on this kernel ({src}; needs {'.'.join(map(str, needed))}+)"
-        )
+            out[PageClass.FREE] = f"{name} misdetects free pages on the 6.12+ page_type encoding"
+    if needed is None or v >= needed:
+        return out
+    need = ".".join(map(str, needed))
+    tails = (f"{name} cannot read folio orders on this kernel ({src}; needs {need}+): it "
+             "excludes a folio's head page but dumps the rest")
+    for klass in FOLIO_TAILS:
+        out[klass] = tails
+    out[PageClass.USER_HUGETLB] = (f"{name} does not recognise hugetlb pages on this kernel "
+                                   f"({src}; needs {need}+)")
+    if v == (0,):
+        out[PageClass.USER_ANON] = f"{name}: no user page is trusted on this kernel ({src})"
     return out

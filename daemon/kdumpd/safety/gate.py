@@ -34,6 +34,9 @@ class Decision:
     forbidden: tuple[ForbiddenRange, ...] = ()
     min_run_pages: int = 1
     rules: list[str] = field(default_factory=list)
+    # Rule 4's fallback when the capture kernel's NFIT is not known: withhold the memory
+    # sections added after boot (kmem persistent memory and hot-added DIMMs look like that).
+    withhold_hotplugged: bool = False
 
 
 def decide(
@@ -61,8 +64,13 @@ def decide(
         return Decision(level, f"rule 1 (hardware memory error): the vmcore carries a "
                                f"{crash.nocoredump_note!r} note", rules=rules)
     forbidden: list[ForbiddenRange] = list(host.forbidden) if host else []
-    if host is None:
-        rules.append("rule 8: no capture-kernel facts (not running in kdump): offline plan")
+    if host is None or not host.iomem_known:
+        rules.append("rule 8 not checked offline: the capture kernel's own RAM and elfcorehdr "
+                     "are unknown (give --host-iomem and --host-cmdline)")
+    hotplugged = host is None or not host.nfit_known
+    if hotplugged:
+        rules.append("rule 4 not checked offline: the capture kernel's ACPI NFIT is unknown "
+                     "(give --host-nfit); memory sections hot-added after boot are withheld")
     if crash.hardware_error:
         if mce_policy == "refuse" or not crash.error_paddrs:
             why = "" if mce_policy == "refuse" else " and no error address was reported"
@@ -71,14 +79,13 @@ def decide(
         for paddr in crash.error_paddrs:
             start = paddr & ~(MCE_EXCLUDE_BYTES - 1)
             forbidden.append(ForbiddenRange(start, start + MCE_EXCLUDE_BYTES,
-                                            f"hardware error reported at {paddr:#x}"))
+                                            f"hardware error reported at {paddr:#x}", 1))
         rules.append(f"rule 1: hardware error, excluding {len(crash.error_paddrs)} ranges")
     withheld = {}
     if collector.kind == "makedumpfile":
         withheld = withheld_classes(collector_version, layout)
-    for cls, why in withheld.items():
-        rules.append(f"rule 6: withheld {cls.name.lower()}: {why}")
+    # The withheld classes are named, with their page counts, by the plan's ``withheld``.
     min_run = MIN_ELF_EXCLUDED_RUN if collector.elf_output else 1
     if collector.elf_output:
         rules.append(f"rule 6: ELF output keeps excluded runs < {MIN_ELF_EXCLUDED_RUN} pages")
-    return Decision(level, None, withheld, tuple(forbidden), min_run, rules)
+    return Decision(level, None, withheld, tuple(forbidden), min_run, rules, hotplugged)

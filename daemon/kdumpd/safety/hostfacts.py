@@ -26,6 +26,12 @@ class ForbiddenRange:
     start_paddr: int
     end_paddr: int  # exclusive
     reason: str
+    rule: int = 8  # the safety rule (docs/safety.md) that forbids it, named in the plan
+
+    @property
+    def key(self) -> str:
+        """How the plan's ``withheld`` names what this range took away."""
+        return f"rule {self.rule}: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,11 @@ class HostFacts:
     forbidden: tuple[ForbiddenRange, ...] = ()
     source: str = "none"
     notes: list[str] = field(default_factory=list)
+    # Whether the capture kernel's ACPI NFIT tables were read (none found is an answer too):
+    # without them persistent memory onlined as kmem cannot be told apart (rule 4).
+    nfit_known: bool = False
+    # Whether the capture kernel's iomem was read (rule 8).
+    iomem_known: bool = True
 
 
 def _is_own_ram(name: str, depth: int) -> bool:
@@ -79,18 +90,20 @@ def parse_nfit(table: bytes) -> list[ForbiddenRange]:
             span = int.from_bytes(table[pos + 40 : pos + 48], "little")
             what = "persistent memory" if guid == PMEM_GUID else f"NVDIMM range {guid.hex()}"
             if span:
-                out.append(ForbiddenRange(base, base + span, f"{what} (ACPI NFIT)"))
+                out.append(ForbiddenRange(base, base + span, f"{what} (ACPI NFIT)", 4))
         pos += size
     return out
 
 
 def parse_host_facts(
-    iomem: str, cmdline: str, source: str = "/proc", nfit_tables: Sequence[bytes] = ()
+    iomem: str, cmdline: str, source: str = "/proc",
+    nfit_tables: Sequence[bytes] | None = None,
 ) -> HostFacts:
-    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT.
+    """Ranges kdumpd must never plan, from the capture kernel's iomem, cmdline and NFIT
+    tables (None: not known, as offline without --host-nfit; empty: the host has none).
     An iomem line that is not ``start-end : name`` raises ValueError (the caller refuses)."""
     out: list[ForbiddenRange] = []
-    for table in nfit_tables:
+    for table in nfit_tables or ():
         out.extend(parse_nfit(table))
     for lineno, line in enumerate(iomem.splitlines(), 1):
         m = _LINE.match(line)
@@ -108,9 +121,10 @@ def parse_host_facts(
         elif name.startswith("Crash kernel"):
             out.append(ForbiddenRange(start, end, "crashkernel reservation"))
         elif _is_pmem(name):
-            out.append(ForbiddenRange(start, end, f"persistent memory ({name})"))
+            out.append(ForbiddenRange(start, end, f"persistent memory ({name})", 4))
     m = _ELFCOREHDR.search(cmdline)
     if m:
         addr = int(m.group(1), 0)
         out.append(ForbiddenRange(addr, addr + ELFCOREHDR_GUARD, "elfcorehdr"))
-    return HostFacts(tuple(sorted(out, key=lambda r: r.start_paddr)), source)
+    return HostFacts(tuple(sorted(out, key=lambda r: r.start_paddr)), source,
+                     nfit_known=nfit_tables is not None, iomem_known=bool(iomem.strip()))

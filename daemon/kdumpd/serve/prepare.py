@@ -83,7 +83,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "extents": len(plan.extents),
         "extent_list": [f"{e.start_pfn:#x}-{e.end_pfn:#x}" for e in plan.extents],
         "categories": plan.categories,
-        "withheld": plan.withheld,
+        "withheld": plan.withheld_json(),
     }
 
 
@@ -124,7 +124,8 @@ def _devmem_mappable(plan: Plan) -> Plan:
     log.info("devmem: left out %s", why)
     if not extents:
         raise RefusedError(f"devmem: the kernel refuses to map any of the plan: {why}")
-    return replace(plan, extents=extents, withheld={**plan.withheld, "devmem": why})
+    return replace(plan, extents=extents, withheld={**plan.withheld, "devmem": why},
+                   withheld_pages={**plan.withheld_pages, "devmem": dropped})
 
 
 def _check_size(cfg: Config, capacity: int) -> int:
