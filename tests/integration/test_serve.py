@@ -44,9 +44,11 @@ def test_serve_status_stop_and_report(serve, tmp_path: Path) -> None:
     assert st["used_bytes"] == 0
     assert set(st["integrity"]) >= {"detected", "repaired", "quarantined", "lost"}
     assert st["rss_bytes"]["nbdkit"] > 0 and st["rss_bytes"]["daemon"] > 0
-    # Once serving, the daemon has exec'd the slim supervisor (same pid, no numpy).
-    assert st["rss_anon_bytes"]["daemon"] < 16 * MiB
-    assert "supervising nbdkit" in s.log()
+    # Once serving, the daemon has exec'd the watcher (same pid, nothing of kdumpd loaded).
+    daemon_cmd = Path(f"/proc/{st['daemon_pid']}/cmdline").read_bytes()
+    assert b"kdumpd.serve.watch" in daemon_cmd
+    assert st["rss_anon_bytes"]["daemon"] < 6 * MiB, st["rss_anon_bytes"]
+    assert "watching nbdkit" in s.log()
     nbdkit_pid = st["nbdkit_pid"]
     cmdline = Path(f"/proc/{nbdkit_pid}/cmdline").read_bytes().split(b"\0")
     assert b"--unix" in cmdline and b"--port" not in cmdline and b"-p" not in cmdline

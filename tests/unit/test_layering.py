@@ -112,6 +112,22 @@ def test_the_supervisor_loads_no_planner_and_no_store() -> None:
     assert "kdumpd.serve.teardown" in loaded
 
 
+def test_the_watcher_loads_nothing_of_kdumpd() -> None:
+    """What sits in memory from READY to the end of the capture imports no kdumpd module and
+    no more of the standard library than os, signal, sys and time need."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); before = set(sys.modules); "
+            "import kdumpd.serve.watch; "
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code, str(PKG.parent)],
+                          capture_output=True, text=True, check=True)
+    loaded = set(proc.stdout.split())
+    assert {m for m in loaded if m.startswith("kdumpd")} == {
+        "kdumpd", "kdumpd.serve", "kdumpd.serve.watch"}, loaded
+    heavy = {"logging", "json", "re", "socket", "subprocess", "threading", "dataclasses",
+             "typing", "inspect", "argparse"}
+    assert not loaded & heavy, loaded & heavy
+
+
 def test_the_plugins_export_loads_no_planner() -> None:
     loaded = _loaded_by("kdumpd.serve.export")
     assert not loaded & _PLANNER

@@ -6,7 +6,9 @@ Where each job lives:
   self-test -> ``runconf.json``; every refusal happens here, before nbdkit;
 - :mod:`~kdumpd.serve.lifecycle`: nbdkit -> attach -> READY (each phase timed) -> exec the
   supervisor, with signals turned into :class:`~kdumpd.serve.signals.Terminate`;
-- :mod:`~kdumpd.serve.supervise`: the slim process that waits for SIGTERM after READY;
+- :mod:`~kdumpd.serve.watch`: what the daemon is from READY on (nothing of kdumpd imported),
+  waiting for a stop signal or nbdkit's death; :mod:`~kdumpd.serve.supervise`: the teardown it
+  then execs;
 - :mod:`~kdumpd.serve.teardown`: the one teardown every exit path uses;
 - :mod:`~kdumpd.serve.control`: ``status`` and ``stop``;
 - :mod:`~kdumpd.serve.rundir` (run directory, lock, ``state.json``),

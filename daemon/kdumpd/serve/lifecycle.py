@@ -6,8 +6,9 @@ From nbdkit on, every step records what it set up in ``state.json``
 (:class:`~kdumpd.serve.rundir.State`) so that :func:`~kdumpd.serve.teardown.teardown` undoes
 exactly that, whoever runs it. Each step before READY is timed (:class:`~kdumpd.phases.Phases`:
 startup, plan, backend probe, self-test, nbdkit, attach, swapon or mkfs) into the log, the
-report, the state and the status. At READY the process execs the slim supervisor
-(:mod:`kdumpd.serve.supervise`) in its place.
+report, the state and the status. At READY the process execs the watcher
+(:mod:`kdumpd.serve.watch`, nothing of kdumpd imported) in its place; the watcher execs the
+teardown (:mod:`kdumpd.serve.supervise`) when a stop signal comes or nbdkit dies.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kdumpd.nbd import server
 from kdumpd.nbd.protect import protect_process
 from kdumpd.nbd.sockpath import check_socket_path
 from kdumpd.phases import Phases
-from kdumpd.serve import supervise
+from kdumpd.serve import watch
 from kdumpd.serve.prepare import Prepared, prepare
 from kdumpd.serve.report import report_refusal, serving_report, status_line
 from kdumpd.serve.rundir import State, make_run_dir, run_dir_lock
@@ -168,12 +169,15 @@ def _attach(run: _Run) -> None:
 
 
 def _become_supervisor(run: _Run, lock_fd: int) -> None:
-    """Replace this process (the planner and its imports) by the slim supervisor: same pid,
-    nbdkit stays our child, the run-directory lock is inherited. Signals are blocked across
-    the exec, so a SIGTERM meanwhile waits for the supervisor's handler."""
+    """Replace this process (the planner and its imports) by the watcher: same pid, nbdkit
+    stays our child, the run-directory lock is inherited. Signals are blocked across the
+    exec, so a SIGTERM meanwhile waits for the watcher's handler."""
     assert run.prepared is not None
     run.save()
-    argv = supervise.exec_argv(run.prepared.runconf.package_dir, run.cfg.run_dir, lock_fd)
+    if run.state.nbdkit_pid is None:
+        raise ServeError("nbdkit is gone at READY")
+    argv = watch.argv_for(run.prepared.runconf.package_dir, run.cfg.run_dir, lock_fd,
+                          run.state.nbdkit_pid)
     os.set_inheritable(lock_fd, True)
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     sys.stdout.flush()

@@ -61,7 +61,10 @@ sampler_pid=$!
 
 inject_pid=
 if [ $kdumpd_on = yes ]; then
-    python3 -I "$E/inject.py" --run-dir /run/kdumpd --out "$R/inject.json" > "$R/inject.log" 2>&1 &
+    # kdumpd's interpreter: its libraries are in kdumpd's payload image (dracut module 99kdumpd)
+    LD_LIBRARY_PATH=/usr/lib/kdumpd/payload/lib \
+        python3 -I "$E/inject.py" --run-dir /run/kdumpd --out "$R/inject.json" \
+        > "$R/inject.log" 2>&1 &
     inject_pid=$!
 fi
 
