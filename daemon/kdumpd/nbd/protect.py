@@ -23,7 +23,6 @@ or the reason it could not be applied (not root, old kernel). Nothing here is pe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -43,7 +42,9 @@ MCL_ONFAULT = 4
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The C library this process already runs on (ctypes.util.find_library would import
+    # subprocess, shutil and tempfile into nbdkit for nothing).
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _set_io_flusher() -> str:

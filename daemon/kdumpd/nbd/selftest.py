@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import random
-import tempfile
+import time
 from collections.abc import Callable
 
 from kdumpd.errors import BackendError, IntegrityError, RefusedError, SelfTestError
@@ -43,8 +43,10 @@ def run_selftest(copies: int, workdir: str | None = None) -> int:
     pool = copies * _POOL_GROUPS
     # Extents start past pfn 0 and have a hole, so the mapping is not an identity by accident.
     extents = [Extent(16, 16 + pool // 2), Extent(16 + pool // 2 + 8, 16 + pool + 8)]
-    fd, path = tempfile.mkstemp(prefix="kdumpd-selftest-", dir=workdir)
-    os.close(fd)
+    # A private scratch file (tempfile would import shutil and its compressors into nbdkit).
+    where = workdir or os.environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(where, f"kdumpd-selftest-{os.getpid()}-{time.monotonic_ns()}")
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     ran = 0
     store_log = logging.getLogger("kdumpd.store")
     was_level = store_log.level
