@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
 import time
-import traceback
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kdumpd import __version__
 from kdumpd.errors import ConfigError, KdumpdError, RefusedError, VmcoreError
-from kdumpd.extentsfile import STDOUT, check_output_path, write_extents_file
-from kdumpd.plan import Plan, make_plan, read_crash_log
-from kdumpd.safeplan import DEFAULT_COLLECTOR, gated_plan, host_facts_here
-from kdumpd.safety.collector import parse_collector
-from kdumpd.safety.gate import MCE_POLICIES
-from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
-from kdumpd.safety.kdumpconf import discover
 from kdumpd.servecli import add_serve_commands
 from kdumpd.units import human_size
-from kdumpd.vmcore.core import Vmcore, open_vmcore
+
+# The planner (vmcore reader, classifier, safety gate) is imported by the commands that plan,
+# not here: `kdumpd --help`, `status` and `stop` start without it.
+if TYPE_CHECKING:
+    from kdumpd.plan import Plan
+    from kdumpd.safety.hostfacts import HostFacts
+    from kdumpd.vmcore.core import Vmcore
+
+# What --mce-policy takes (kdumpd.safety.gate.MCE_POLICIES; a unit test keeps them equal).
+MCE_CHOICES = ("refuse", "exclude-range")
 
 __all__ = ["main"]
 
@@ -87,7 +86,8 @@ def _read_named(flag: str, path: str | None) -> str:
     if not path:
         return ""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -95,6 +95,9 @@ def _read_named(flag: str, path: str | None) -> str:
 
 
 def _host_facts(args: argparse.Namespace) -> HostFacts | None:
+    from kdumpd.safeplan import host_facts_here
+    from kdumpd.safety.hostfacts import parse_host_facts
+
     if args.host_iomem or args.host_cmdline or args.host_nfit:
         iomem = _read_named("--host-iomem", args.host_iomem)
         cmdline = _read_named("--host-cmdline", args.host_cmdline)
@@ -107,12 +110,15 @@ def _host_facts(args: argparse.Namespace) -> HostFacts | None:
                                     nfit_tables=tables)
         except ValueError as exc:
             raise ConfigError(f"--host-iomem/--host-cmdline/--host-nfit: {exc}") from None
+    from pathlib import Path
+
     return host_facts_here(Path(args.vmcore))
 
 
 def _read_nfit(path: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            return fh.read()
     except OSError as exc:
         raise ConfigError(f"--host-nfit {path}: {exc.strerror}") from None
 
@@ -128,6 +134,10 @@ def _collector(args: argparse.Namespace) -> str | None:
 def _asked_level(args: argparse.Namespace) -> int | None:
     """The dump level the collector in force uses (None: it excludes nothing), found the way
     the gate finds it; for the survey header when the gate refused."""
+    from kdumpd.safeplan import DEFAULT_COLLECTOR
+    from kdumpd.safety.collector import parse_collector
+    from kdumpd.safety.kdumpconf import discover
+
     try:
         cmdline = _collector(args)
         if cmdline is None:
@@ -142,6 +152,8 @@ def _asked_level(args: argparse.Namespace) -> int | None:
 def _vmcore(path: str) -> Iterator[Vmcore]:
     """open_vmcore, with every error naming the file (the ELF reader names it and calls an
     empty file empty; the layers above say what is wrong, not in which file)."""
+    from kdumpd.vmcore.core import open_vmcore
+
     try:
         with open_vmcore(path) as vm:
             yield vm
@@ -152,6 +164,9 @@ def _vmcore(path: str) -> Iterator[Vmcore]:
 
 
 def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
+    from kdumpd.plan import make_plan
+    from kdumpd.safeplan import gated_plan
+
     """The gated plan, or (for survey) the ungated counts and the refusal."""
     bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
     collector = _collector(args)
@@ -233,6 +248,8 @@ def cmd_survey(args: argparse.Namespace) -> int:
         if refusal:
             doc.update(refused=refusal, reusable_pages=0, reusable_bytes=0, extents=0,
                        dump_level=level, counted_at_dump_level=plan.dump_level)
+        import json
+
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     asked = f"dump level {level}" if level is not None else "a collector that excludes nothing"
@@ -277,6 +294,8 @@ def _withheld_lines(plan: Plan) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from kdumpd.extentsfile import STDOUT, check_output_path, write_extents_file
+
     inputs = [p for p in (args.vmcore, args.host_iomem, args.host_cmdline) if p]
     check_output_path(args.extents, inputs)  # before the slow part: refuse early
     plan, _ = _build_plan(args)
@@ -290,6 +309,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
+    from kdumpd.plan import read_crash_log
+
     with _vmcore(args.vmcore) as vm:
         for record in read_crash_log(vm):
             print(record.format())
@@ -334,7 +355,7 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
         "--collector", metavar="'COMMAND LINE'", default=None,
         help="the dump collector that will run (default: read from /etc/kdump.conf or "
              "/etc/default/kdump-tools; without either: makedumpfile -d 31)")
-    parser.add_argument("--mce-policy", choices=MCE_POLICIES, default="refuse",
+    parser.add_argument("--mce-policy", choices=MCE_CHOICES, default="refuse",
                         help="after a hardware memory error: reuse nothing (refuse) or "
                              "exclude the reported address ranges (default: refuse)")
     parser.add_argument("--host-iomem", metavar="FILE", default=None,
@@ -404,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     except KdumpdError as exc:
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         print(f"kdumpd: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -415,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A file kdumpd did not expect to fail (the named ones are checked and raise
         # KdumpdError): still one line naming it, never a traceback unless --debug.
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"kdumpd: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -344,3 +344,26 @@ def test_a_file_that_is_no_vmcore_is_named(tmp_path: Path, content: bytes, text:
     assert main([command, str(bad)]) == VmcoreError.exit_code
     line = _one_line(capsys)
     assert f"{bad}: " in line and text in line
+
+
+def test_mce_policy_choices_are_the_gates() -> None:
+    """The CLI lists --mce-policy's choices without importing the gate (start-up time)."""
+    from kdumpd import cli
+    from kdumpd.safety.gate import MCE_POLICIES
+
+    assert tuple(cli.MCE_CHOICES) == tuple(MCE_POLICIES)
+
+
+def test_help_imports_no_planner() -> None:
+    """`kdumpd --help` starts without the vmcore reader, the classifier or the gate."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kdumpd.cli; "
+            "print(' '.join(m for m in sys.modules if m.startswith('kdumpd')))")
+    top = Path(__file__).resolve().parents[2] / "daemon"
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(top)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    for heavy in ("kdumpd.plan", "kdumpd.mm.classify", "kdumpd.vmcore.core", "kdumpd.safeplan",
+                  "kdumpd.serve.lifecycle"):
+        assert heavy not in out, out
