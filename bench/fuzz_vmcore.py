@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=10.0, help="deadline per input (s)")
+    ap.add_argument("--timeout", type=float, default=20.0, help="deadline per input (s)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where seeds, findings/ and progress.json go (default: a temp dir)")
     ap.add_argument("--real", default=str(REAL),

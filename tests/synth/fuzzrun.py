@@ -63,7 +63,7 @@ def prepare_seeds(workdir: Path, names: list[str], real: Path | None) -> dict[st
     if real is not None:
         paths["real"] = str(real)
         anat["real"] = anatomy(real, real=True)
-    for name, path in paths.items():
+    for path in paths.values():
         subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, path + ".image"],
                        check=True)
     (workdir / "seeds.json").write_text(json.dumps(paths))
@@ -116,8 +116,9 @@ def run_campaign(count: int, seed: int, workdir: Path, *, jobs: int = 1, timeout
                 batch.append((i, inp))
                 if len(batch) < len(workers) and i + 1 < count:
                     continue
-                results = pool.map(lambda wi: wi[0].run(wi[1][1], timeout), zip(workers, batch))
-                for (idx, one), res in zip(batch, results):
+                pairs = zip(workers, batch, strict=False)
+                results = pool.map(lambda wi: wi[0].run(wi[1][1], timeout), pairs)
+                for (idx, one), res in zip(batch, results, strict=False):
                     _record(camp, idx, one, res, findings_dir, seeds, verbose)
                 batch = []
                 now = time.monotonic()

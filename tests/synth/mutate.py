@@ -52,7 +52,8 @@ def _interesting(rng: random.Random, orig: int, width: int, a: Anatomy) -> int:
         lambda: 0, lambda: 1, lambda: (1 << bits) - 1, lambda: 1 << (bits - 1),
         lambda: (1 << (bits - 1)) - 1, lambda: orig ^ (1 << rng.randrange(bits)),
         lambda: orig + rng.randint(-4096, 4096), lambda: rng.getrandbits(bits),
-        lambda: orig * 2, lambda: orig // 2, lambda: a.size, lambda: a.size + rng.randrange(1 << 20),
+        lambda: orig * 2, lambda: orig // 2, lambda: a.size,
+        lambda: a.size + rng.randrange(1 << 20),
         lambda: a.ram_end, lambda: a.ram_end + PAGE * rng.randrange(1, 1 << 16),
         lambda: 1 << rng.randrange(bits), lambda: orig & ~0xFFF, lambda: rng.randrange(64),
     ]
