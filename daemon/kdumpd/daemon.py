@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -275,7 +275,11 @@ def _make_run_dir(run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: str) -> Iterator[int]:
+def _run_dir_lock(run_dir: str,
+                  on_write_error: Callable[[KdumpdError], None] | None = None) -> Iterator[int]:
+    """Lock ``run_dir``/kdumpd.pid and write our pid into it. A pid that cannot be written
+    (a full run directory) is a ServeError, reported through ``on_write_error`` first: unlike
+    a busy directory, nobody else's report is there to keep."""
     path = os.path.join(run_dir, "kdumpd.pid")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -293,8 +297,14 @@ def _run_dir_lock(run_dir: str) -> Iterator[int]:
             raise RefusedError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") \
                 from None
         locked = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full run directory (ENOSPC) or a failing disk
+            err = ServeError(f"run directory {run_dir}: cannot write {path}: {exc.strerror}")
+            if on_write_error is not None:
+                on_write_error(err)
+            raise err from None
         yield fd
     finally:
         if locked:  # ours: no dead pid file left behind (removed while the lock is held)
@@ -320,6 +330,7 @@ class _Serving:
         self.errors: list[str] = []
         self.phases = Phases()
         self.ready_seconds: float | None = None
+        self.failure: KdumpdError | None = None  # why serving stopped early, for the report
 
     @property
     def state_path(self) -> str:
@@ -399,7 +410,7 @@ def serve(cfg: Config) -> int:
     _make_run_dir(cfg.run_dir)
     old_handlers = _install_signals()
     try:
-        with _run_dir_lock(cfg.run_dir) as lock_fd:
+        with _run_dir_lock(cfg.run_dir, lambda e: _report_refusal(cfg, e)) as lock_fd:
             # Before planning and before any report: a refused socket must not overwrite
             # the report of the daemon that owns it.
             check_socket_path(os.path.abspath(cfg.socket))
@@ -419,7 +430,11 @@ def _serve_locked(cfg: Config, lock_fd: int) -> int:
             except KdumpdError as exc:
                 _report_refusal(cfg, exc)
                 raise
-            _start(s)
+            try:
+                _start(s)
+            except KdumpdError as exc:  # nbdkit, modprobe, attach, swapon: say it in the report
+                s.failure = exc
+                raise
             _become_supervisor(s, lock_fd)  # only returns if exec failed
         except _Terminate as sig:
             log.info("%s: stopping", sig)
@@ -508,7 +523,7 @@ def _start(s: _Serving) -> None:
 def _finish(s: _Serving) -> None:
     if s.prepared is None:
         return
-    write_report(s, "stopped")
+    write_report(s, "failed" if s.failure else "stopped")
     for name in ("state.json", "runconf.json"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(s.cfg.run_dir, name))
@@ -566,6 +581,8 @@ def write_report(s: _Serving, state: str) -> list[str]:
         "config": s.cfg.to_json(),
         "teardown_errors": s.errors,
     }
+    if s.failure is not None:
+        doc.update(error=type(s.failure).__name__, reason=str(s.failure))
     return supervise.write_report_files(s.cfg.run_dir, s.cfg["report"], doc)
 
 

@@ -43,14 +43,21 @@ def run_selftest(copies: int, workdir: str | None = None) -> int:
     pool = copies * _POOL_GROUPS
     # Extents start past pfn 0 and have a hole, so the mapping is not an identity by accident.
     extents = [Extent(16, 16 + pool // 2), Extent(16 + pool // 2 + 8, 16 + pool + 8)]
-    fd, path = tempfile.mkstemp(prefix="kdumpd-selftest-", dir=workdir)
+    try:
+        fd, path = tempfile.mkstemp(prefix="kdumpd-selftest-", dir=workdir)
+    except OSError as exc:
+        raise SelfTestError(f"self-test: cannot create its scratch file in {workdir}: "
+                            f"{exc.strerror}") from None
     os.close(fd)
     ran = 0
     store_log = logging.getLogger("kdumpd.store")
     was_level = store_log.level
     store_log.setLevel(logging.CRITICAL + 1)  # the damage below is deliberate: no warnings
     try:
-        img = ImageOldMem.create(path, (16 + pool + 16) * PAGE_SIZE)
+        try:
+            img = ImageOldMem.create(path, (16 + pool + 16) * PAGE_SIZE)
+        except BackendError as exc:  # a full run directory: said here, not a SIGBUS later
+            raise SelfTestError(f"self-test: {exc.strerror or exc}") from None
         stores: list[BlockStore] = []
         try:
             placement = Placement.from_extents(extents, copies, min_distance_bytes=PAGE_SIZE)

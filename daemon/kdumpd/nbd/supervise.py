@@ -135,16 +135,21 @@ def teardown(run_dir: str, state: dict[str, Any]) -> list[str]:
     return errors
 
 
-def finish_report(run_dir: str, state: dict[str, Any], errors: list[str]) -> None:
-    """Complete the READY report with the final status and write it to both places."""
+def finish_report(run_dir: str, state: dict[str, Any], errors: list[str],
+                  failure: str = "") -> None:
+    """Complete the READY report with the final status and write it to both places; a
+    ``failure`` (nbdkit died) makes the state "failed" with the ServeError's reason, so the
+    post-mortem says why the device went away."""
     try:
         doc: dict[str, Any] = read_json(os.path.join(run_dir, "report.json"))
     except KdumpdError as exc:
         log.error("no report to complete: %s", exc)
         return
     st = plugin_status(run_dir)
+    if failure:
+        doc.update(error="ServeError", reason=failure)
     doc.update(
-        state="stopped",
+        state="failed" if failure else "stopped",
         time=round(time.time(), 3),
         used_bytes=st.get("used_bytes", doc.get("used_bytes", 0)),
         capacity_bytes=st.get("capacity_bytes", doc.get("capacity_bytes")),
@@ -223,7 +228,7 @@ def main(argv: list[str]) -> int:
             for signum in _SIGNALS:
                 signal.signal(signum, _note_signal)
             errors = teardown(run_dir, state)
-            finish_report(run_dir, state, errors)
+            finish_report(run_dir, state, errors, failure)
             _cleanup_files(run_dir, state)
     except _Terminate:
         errors = teardown(run_dir, state)
