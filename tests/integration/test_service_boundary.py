@@ -266,3 +266,32 @@ def test_full_run_directory(synth, namespaces, tmp_path, free_kib, code, cls, wo
     assert not (tmp_path / "kdumpd.sock").exists()
     assert _stamp(image) == stamp
     time.sleep(0)  # the tmpfs vanished with the namespace: nothing can be left in it
+
+
+def test_run_directory_fills_while_serving(synth, namespaces, tmp_path) -> None:
+    """The run directory fills up after READY: status writes warn once (not every interval),
+    serving goes on, and SIGTERM still tears down cleanly (the plugin's final status write
+    used to raise out of its cleanup, a traceback, before the backend was closed)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_dir, report, log = mnt / "run", tmp_path / "report.json", tmp_path / "serve.log"
+    sock = tmp_path / "kdumpd.sock"
+    serve = shlex.join(_argv(synth, run_dir, report, "--socket", str(sock),
+                             "--status-interval", "0.2"))
+    status = shlex.join([*KDUMPD, "status", "--run-dir", str(run_dir)])
+    script = (f"set -e; mount -t tmpfs -o size=2m tmpfs {mnt}; mkdir -p {run_dir}; "
+              f"{serve} > {log} 2>&1 & D=$!; "
+              f"for i in $(seq 300); do {status} >/dev/null 2>&1 && break; sleep 0.2; done; "
+              f"dd if=/dev/zero of={mnt}/fill bs=4k 2>/dev/null || true; sleep 1.5; "
+              f"{status} >/dev/null; kill -TERM $D; rc=0; wait $D || rc=$?; echo rc=$rc")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=120, env=_env(), stdin=subprocess.DEVNULL)
+    text = log.read_text()
+    assert r.stdout.strip().endswith("rc=0"), (r.stdout, r.stderr, text)
+    assert "Traceback" not in text, text
+    stale = [ln for ln in text.splitlines() if "status is stale" in ln]
+    assert len(stale) == 1, text
+    assert _report(report)["state"] == "stopped"
+    assert not sock.exists()
+    out = subprocess.run(["pgrep", "-f", f"nbdkit.*{run_dir}"], capture_output=True, text=True)
+    assert out.stdout.strip() == ""

@@ -210,7 +210,7 @@ def _prepare(cfg: Any, image: Path) -> dict[str, Any]:
 
 
 def _run(path: Path, cfgs: tuple[Any, Any], image: Path, inp: Input, guards: _Guards,
-         names: dict[str, int], work: Path) -> dict[str, Any]:
+         names: dict[str, int], work: Path, pristine: int | None = None) -> dict[str, Any]:
     stamp = _stamp(path)
     res: dict[str, Any] = {}
     ext = work / "extents"
@@ -223,9 +223,12 @@ def _run(path: Path, cfgs: tuple[Any, Any], image: Path, inp: Input, guards: _Gu
     if _stamp(path) != stamp:
         res["vmcore"] = {"finding": "the vmcore changed while it was planned"}
     s, p = res["serve"], res["plan"]
-    if "outcome" in s and "outcome" in p and (s["outcome"] == "ok") != (p["outcome"] == "ok"):
+    if s.get("outcome") == "ok" and pristine is not None and s.get("pages") != pristine:
+        s["outcome"] = "ok-changed"  # the mutation reached the classification
+    ok = ("ok", "ok-changed")
+    if "outcome" in s and "outcome" in p and (s["outcome"] in ok) != (p["outcome"] == "ok"):
         res["agree"] = {"finding": f"serve planning {s['outcome']} but plan {p['outcome']}"}
-    if inp.prepare and s.get("outcome") == "ok":
+    if inp.prepare and s.get("outcome") in ok:
         res["prepare"] = _prepare(cfgs[1], image)
     return res
 
@@ -276,13 +279,17 @@ def worker_main(workdir: Path) -> None:
         return (load_serve_config(base, config_path=os.devnull, cmdline_path=os.devnull),
                 load_serve_config(base, config_path=os.devnull, cmdline_path=os.devnull))
 
+    # The pristine plan of each seed: an input that plans differently reached classification.
+    pristine = {name: _serve_plan(core, cfg(core, name)[0]).get("pages")
+                for name, core in cores.items()}
     proto.write("ready\n")
     for line in sys.stdin:
         inp = Input.from_json(json.loads(line))
         core = cores[inp.seed]
         if inp.truncate is not None:
             path = materialize(Path(seeds[inp.seed]), inp, me / "input.core")
-            res = _run(path, cfg(path, inp.seed), images[inp.seed], inp, guards, names, me)
+            res = _run(path, cfg(path, inp.seed), images[inp.seed], inp, guards, names, me,
+                       pristine[inp.seed])
             path.unlink()
         else:
             if inp.seed not in cfgs:
@@ -290,7 +297,8 @@ def worker_main(workdir: Path) -> None:
             fd = os.open(core, os.O_RDWR)
             try:
                 undo = _apply(fd, inp.patches)
-                res = _run(core, cfgs[inp.seed], images[inp.seed], inp, guards, names, me)
+                res = _run(core, cfgs[inp.seed], images[inp.seed], inp, guards, names, me,
+                           pristine[inp.seed])
                 for off, data in reversed(undo):
                     os.pwrite(fd, data, off)
             finally:
