@@ -21,7 +21,7 @@ from tests.synth.fuzzrun import run_campaign
 from tests.synth.mutate import Input
 
 from kdumpd.cli import main
-from kdumpd.errors import VmcoreError
+from kdumpd.errors import LayoutError, VmcoreError
 from kdumpd.vmcore.core import open_vmcore
 from kdumpd.xlat.x86_64 import X86_64Translator
 
@@ -133,3 +133,19 @@ def test_lockless_ring_with_more_descriptors_than_text(tmp_path: Path,
         fh.seek(off)
         fh.write(struct.pack("<I", 20))  # the text ring has 14 bits
     assert "printk ring sizes are implausible (20, 14 bits)" in _dmesg_error(core, capsys)
+
+
+@pytest.mark.parametrize("value", [str(1 << 64), str(1 << 63), "256", "-7"])
+def test_hugetlb_dtor_out_of_range_is_a_layout_error(tmp_path: Path, value: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by the long run: NUMBER(HUGETLB_PAGE_DTOR)=2**64 overflowed the C layout's int64
+    (an OverflowError traceback from survey, plan and serve)."""
+    m = Machine(template("6.1"), ram=128 << 20)
+    m.info["NUMBER(HUGETLB_PAGE_DTOR)"] = value
+    core = m.write(tmp_path / "dtor")
+    for argv in (["survey", str(core), "-d", "31"],
+                 ["plan", str(core), "-d", "31", "--extents", str(tmp_path / "x")]):
+        assert main(argv) == LayoutError.exit_code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"kdumpd: LayoutError: NUMBER(HUGETLB_PAGE_DTOR)={value} is not a byte "
+                       "value"], err
