@@ -198,9 +198,9 @@ def _prepare(cfg: Any, image: Path) -> dict[str, Any]:
     before, digest = _stamp(image), _digest(image)
     try:
         prepare(cfg)
-        out: dict[str, Any] = {"outcome": "ok"}
+        out: dict[str, Any] = {"outcome": "ok", "rc": 0}
     except KdumpdError as exc:
-        out = {"outcome": type(exc).__name__}
+        out = {"outcome": type(exc).__name__, "rc": exc.exit_code}
     except Exception as exc:  # noqa: BLE001
         out = {"finding": f"prepare: {type(exc).__name__}: {exc}"[:300],
                "traceback": traceback.format_exc()}
