@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdumpd.crash.facts import CrashFacts, crash_facts
-from kdumpd.errors import KdumpdError, RefusedError
+from kdumpd.errors import ConfigError, KdumpdError, RefusedError
 from kdumpd.mm.pagelayout import PageLayout
 from kdumpd.plan import Plan, Progress, make_plan, read_crash_log
 from kdumpd.safety.collector import parse_collector
@@ -82,7 +82,10 @@ def gated_plan(
     else:
         source = discover(config_root) or CollectorSource(
             DEFAULT_COLLECTOR, "default (no kdump configuration found)")
-    parsed = parse_collector(source.cmdline)
+    try:
+        parsed = parse_collector(source.cmdline)
+    except ConfigError as exc:  # name the file (or flag) the collector line came from
+        raise ConfigError(f"{source.source}: {exc}") from None
     version = collector_version(parsed.program) if parsed.kind == "makedumpfile" else None
     layout = PageLayout.from_vmcoreinfo(vm.info)
     try:

@@ -60,7 +60,10 @@ def _lockless(info: VmcoreInfo, vm: VirtMem) -> Iterator[LogRecord]:
     text_ring = rb + off("printk_ringbuffer.text_data_ring")
     count_bits = vm.u32(desc_ring + off("prb_desc_ring.count_bits"))
     size_bits = vm.u32(text_ring + off("prb_data_ring.size_bits"))
-    if not (0 < count_bits < 32 and 0 < size_bits < 32):
+    # The kernel sizes the descriptor ring from the text ring (PRB_AVGBITS bytes per record
+    # on average), so more descriptor bits than text bits is corruption, and reading such a
+    # ring whole could take more memory than a capture kernel has.
+    if not (0 < count_bits < size_bits < 32):
         raise VmcoreError(f"printk ring sizes are implausible ({count_bits}, {size_bits} bits)")
     count = 1 << count_bits
     size = 1 << size_bits
@@ -124,17 +127,26 @@ def _legacy(info: VmcoreInfo, vm: VirtMem) -> Iterator[LogRecord]:
     o_text_len = info.offset(f"{struct_name}.text_len")
     if not 0 < buf_len <= 1 << 30 or first >= buf_len or nxt >= buf_len:
         raise VmcoreError("legacy printk buffer indices are implausible")
+    if hdr <= 0:
+        raise VmcoreError(f"SIZE({struct_name})={hdr} is implausible")
     blob = vm.read(buf, buf_len)
-    idx, seq = first, 0
-    for _ in range(_MAX_RECORDS):
+    idx, seq, wrapped = first, 0, False
+    # Every record is at least a header long and the buffer wraps at most once between the
+    # first and the next index: a corrupt length or wrap marker cannot make this loop long.
+    for _ in range(min(_MAX_RECORDS, 2 * buf_len // hdr + 2)):
         if idx == nxt:
             return
         if idx + hdr > buf_len:
             raise VmcoreError(f"legacy printk record at {idx:#x} overruns the buffer")
         length = int.from_bytes(blob[idx + o_len : idx + o_len + 2], "little")
         if length == 0:  # wrap marker
-            idx = 0
+            if wrapped:
+                raise VmcoreError(f"legacy printk buffer wraps twice (at {idx:#x}): corrupt")
+            idx, wrapped = 0, True
             continue
+        if length < hdr:
+            raise VmcoreError(f"legacy printk record at {idx:#x} is {length} bytes, shorter "
+                              f"than its {hdr}-byte header: corrupt")
         text_len = int.from_bytes(blob[idx + o_text_len : idx + o_text_len + 2], "little")
         ts = int.from_bytes(blob[idx + o_ts : idx + o_ts + 8], "little")
         text = blob[idx + hdr : idx + hdr + min(text_len, _MAX_TEXT)]

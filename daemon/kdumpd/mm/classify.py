@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from kdumpd.errors import LayoutError
 from kdumpd.mm import native
 from kdumpd.mm.pagelayout import OrderSource, PageLayout
 
@@ -155,7 +156,11 @@ class Classifier:
 
     def __init__(self, layout: PageLayout) -> None:
         self.layout = layout
-        self._c_layout = _c_layout(layout)
+        try:
+            self._c_layout = _c_layout(layout)
+        except OverflowError as exc:  # PageLayout checks each value; this is the backstop
+            raise LayoutError(f"a VMCOREINFO value does not fit the classifier: {exc}") \
+                from None
         self._carry = native.Carry()
 
     def classify(

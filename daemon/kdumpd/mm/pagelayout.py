@@ -121,6 +121,10 @@ class PageLayout:
             )
         if source in (OrderSource.FOLIO_FIELDS, OrderSource.PAGE_FIELDS) and hugetlb_dtor is None:
             raise LayoutError("VMCOREINFO lacks NUMBER(HUGETLB_PAGE_DTOR)")
+        # compound_dtor is one byte of page[1]: any other value is corruption (found by the
+        # fuzzer: 2**64 overflowed the C layout's int64 with an OverflowError).
+        if hugetlb_dtor is not None and not 0 <= hugetlb_dtor <= 255:
+            raise LayoutError(f"NUMBER(HUGETLB_PAGE_DTOR)={hugetlb_dtor} is not a byte value")
         for name, (width, off) in fields.items():
             if not 0 <= off <= size_page - width:
                 raise LayoutError(f"struct page field {name} at offset {off} lies outside "

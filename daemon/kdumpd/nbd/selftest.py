@@ -46,13 +46,20 @@ def run_selftest(copies: int, workdir: str | None = None) -> int:
     # A private scratch file (tempfile would import shutil and its compressors into nbdkit).
     where = workdir or os.environ.get("TMPDIR") or "/tmp"
     path = os.path.join(where, f"kdumpd-selftest-{os.getpid()}-{time.monotonic_ns()}")
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise SelfTestError(f"self-test: cannot create its scratch file in {where}: "
+                            f"{exc.strerror}") from None
     ran = 0
     store_log = logging.getLogger("kdumpd.store")
     was_level = store_log.level
     store_log.setLevel(logging.CRITICAL + 1)  # the damage below is deliberate: no warnings
     try:
-        img = ImageOldMem.create(path, (16 + pool + 16) * PAGE_SIZE)
+        try:
+            img = ImageOldMem.create(path, (16 + pool + 16) * PAGE_SIZE)
+        except BackendError as exc:  # a full run directory: said here, not a SIGBUS later
+            raise SelfTestError(f"self-test: {exc.strerror or exc}") from None
         stores: list[BlockStore] = []
         try:
             placement = Placement.from_extents(extents, copies, min_distance_bytes=PAGE_SIZE)

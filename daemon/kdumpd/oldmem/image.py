@@ -69,9 +69,18 @@ class ImageOldMem:
         size_bytes: int,
         ranges: Sequence[PhysRange] | None = None,
     ) -> ImageOldMem:
-        """Create a sparse zero-filled file of ``size_bytes`` and open it writable."""
-        with open(path, "wb") as f:
-            f.truncate(size_bytes)
+        """Create a zero-filled file of ``size_bytes`` with its blocks allocated, and open it
+        writable. Allocated, because a write through the mapping into a hole of a full
+        filesystem is a SIGBUS that kills the process; this way a full disk is a BackendError
+        here."""
+        try:
+            with open(path, "wb") as f:
+                f.truncate(size_bytes)
+                if size_bytes:
+                    os.posix_fallocate(f.fileno(), 0, size_bytes)
+        except OSError as exc:
+            raise BackendError(exc.errno, f"cannot create image {path} of {size_bytes} bytes: "
+                                          f"{exc.strerror}") from None
         return cls(path, ranges)
 
     @property

@@ -158,18 +158,29 @@ class Service:
             self.store.flush()
         except KdumpdError as exc:
             log.error("flush at stop failed: %s", exc)
-        self.write_status("stopped")
+        try:
+            self.write_status("stopped")
+        except OSError as exc:  # a full run directory must not skip closing the backend
+            log.warning("cannot write %s: %s", self.rc.status_path, exc.strerror or exc)
         self._closed = True
         logging.getLogger("kdumpd.store").removeHandler(self.events)
         self.store.close()  # its C fast path maps the backend: let go first
         self.backend.close()
 
     def _status_loop(self) -> None:
+        failing = False  # warn once per streak: a full run directory must not flood the log
         while not self._stop.wait(self.rc.status_interval):
             try:
                 self.write_status("serving")
             except Exception as exc:  # keep serving whatever the status file does
-                log.warning("cannot write %s: %s", self.rc.status_path, exc)
+                if not failing:
+                    log.warning("cannot write %s: %s (status is stale until it can)",
+                                self.rc.status_path, exc)
+                failing = True
+                continue
+            if failing:
+                log.info("status: %s written again", self.rc.status_path)
+                failing = False
 
     # -- status ------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class _Run:
     state: State
     phases: Phases = field(default_factory=Phases)
     prepared: Prepared | None = None
+    failure: KdumpdError | None = None  # why serving stopped early, for the report
 
     def save(self) -> None:
         self.state.phases = self.phases.to_json()
@@ -61,7 +62,8 @@ class _Run:
 
     def report(self, name: str, errors: list[str]) -> None:
         assert self.prepared is not None
-        serving_report(self.cfg, self.prepared, self.state, self.phases, name, errors)
+        serving_report(self.cfg, self.prepared, self.state, self.phases, name, errors,
+                       self.failure)
 
 
 def serve(cfg: Config) -> int:
@@ -71,7 +73,7 @@ def serve(cfg: Config) -> int:
     make_run_dir(cfg.run_dir)
     old_handlers = raise_on_signals()
     try:
-        with run_dir_lock(cfg.run_dir) as lock_fd:
+        with run_dir_lock(cfg.run_dir, lambda e: report_refusal(cfg, e)) as lock_fd:
             # Before planning and before any report: a refused socket must not overwrite
             # the report of the daemon that owns it.
             check_socket_path(os.path.abspath(cfg.socket))
@@ -92,7 +94,11 @@ def _serve_locked(cfg: Config, lock_fd: int) -> int:
             except KdumpdError as exc:
                 report_refusal(cfg, exc)
                 raise
-            _start(run)
+            try:
+                _start(run)
+            except KdumpdError as exc:  # nbdkit, modprobe, attach, swapon: say it in the report
+                run.failure = exc
+                raise
             _become_supervisor(run, lock_fd)  # only returns if exec failed
         except Terminate as sig:
             log.info("%s: stopping", sig)
@@ -100,8 +106,8 @@ def _serve_locked(cfg: Config, lock_fd: int) -> int:
         finally:
             defer_signals()
             if run.prepared is not None:  # before that, nothing is set up
-                errors = teardown(cfg.run_dir, run.state,
-                                  lambda errs: run.report("stopped", errs))
+                errors = teardown(cfg.run_dir, run.state, lambda errs: run.report(
+                    "failed" if run.failure else "stopped", errs))
     except Terminate:  # a signal in the few instructions before defer_signals
         if run.prepared is not None:
             errors = teardown(cfg.run_dir, run.state)

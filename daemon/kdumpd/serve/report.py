@@ -82,7 +82,8 @@ def report_refusal(cfg: Config, exc: KdumpdError) -> None:
 
 
 def serving_report(cfg: Config, prepared: Prepared, state: State, phases: Phases,
-                   name: str, errors: list[str]) -> list[str]:
+                   name: str, errors: list[str],
+                   failure: KdumpdError | None = None) -> list[str]:
     """Write the whole report (``name``: serving or stopped) from the daemon's own objects;
     return the paths written."""
     st = plugin_status(cfg.run_dir)
@@ -110,20 +111,26 @@ def serving_report(cfg: Config, prepared: Prepared, state: State, phases: Phases
         "config": cfg.to_json(),
         "teardown_errors": errors,
     }
+    if failure is not None:
+        doc.update(error=type(failure).__name__, reason=str(failure))
     return write_report_files(cfg.run_dir, cfg["report"], doc)
 
 
-def finish_report(run_dir: str, state: State, errors: list[str]) -> None:
+def finish_report(run_dir: str, state: State, errors: list[str], failure: str = "") -> None:
     """Complete the READY report with the final status and write it to both places (the
-    supervisor's report: it has no planner objects, only the files)."""
+    supervisor's report: it has no planner objects, only the files). A ``failure`` (nbdkit
+    died) makes the state "failed" with its reason, so the post-mortem says why the device
+    went away."""
     try:
         doc: dict[str, Any] = read_json(os.path.join(run_dir, REPORT))
     except KdumpdError as exc:
         log.error("no report to complete: %s", exc)
         return
     st = plugin_status(run_dir)
+    if failure:
+        doc.update(error="ServeError", reason=failure)
     doc.update(
-        state="stopped",
+        state="failed" if failure else "stopped",
         time=round(time.time(), 3),
         used_bytes=st.get("used_bytes", doc.get("used_bytes", 0)),
         capacity_bytes=st.get("capacity_bytes", doc.get("capacity_bytes")),

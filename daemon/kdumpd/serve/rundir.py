@@ -19,12 +19,12 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdumpd import __version__
-from kdumpd.errors import ConfigError, KdumpdError, NotRunningError, RefusedError
+from kdumpd.errors import ConfigError, KdumpdError, NotRunningError, RefusedError, ServeError
 from kdumpd.jsonfile import atomic_write_json, read_json
 from kdumpd.nbd.sockpath import remove_if_stale
 
@@ -55,7 +55,8 @@ def make_run_dir(run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str) -> Iterator[int]:
+def run_dir_lock(run_dir: str,
+                 on_write_error: Callable[[KdumpdError], None] | None = None) -> Iterator[int]:
     """Hold ``kdumpd.pid``'s flock with this process's pid in it, or refuse (exit 6) naming
     the daemon that holds it. Yields the locked descriptor (the supervisor inherits it); on
     exit the pid file is removed while still locked, so no dead pid file is left behind."""
@@ -76,8 +77,14 @@ def run_dir_lock(run_dir: str) -> Iterator[int]:
             raise RefusedError(f"another kdumpd (pid {other or '?'}) serves from {run_dir}") \
                 from None
         locked = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full run directory (ENOSPC) or a failing disk
+            err = ServeError(f"run directory {run_dir}: cannot write {path}: {exc.strerror}")
+            if on_write_error is not None:  # nobody else's report is there to keep
+                on_write_error(err)
+            raise err from None
         yield fd
     finally:
         if locked:

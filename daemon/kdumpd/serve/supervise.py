@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         log.info("%s: stopping", detail or reason)
         notify(stopping=True, status="stopping")
     # The stop signals stay blocked: the teardown runs to its end (a second SIGTERM waits).
-    errors = teardown(run_dir, state, lambda errs: finish_report(run_dir, state, errs))
+    errors = teardown(run_dir, state, lambda errs: finish_report(run_dir, state, errs, failure))
     if errors:
         log.error("teardown incomplete: %s", "; ".join(errors))
         rc = rc or ServeError.exit_code

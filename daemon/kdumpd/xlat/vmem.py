@@ -21,7 +21,9 @@ class VirtMem:
         out = bytearray()
         while nbytes > 0:
             paddr, contiguous = self.xlat.translate_leaf(vaddr)
-            take = min(nbytes, contiguous, 4096 - (vaddr & 0xFFF))
+            # Whole leaf mappings at a time: a page at a time, a corrupt length that still
+            # translates (a legacy log_buf_len of 1 GiB) took seconds per read.
+            take = min(nbytes, contiguous if contiguous > 0 else 4096 - (vaddr & 0xFFF))
             out += self.phys.read(paddr, take)
             vaddr += take
             nbytes -= take
