@@ -186,6 +186,12 @@ def test_image_unit_and_config(images: dict[str, object]) -> None:
     for target in ("kdump-capture.service", "dracut-initqueue.service", "sysroot.mount",
                    "local-fs-pre.target", "remote-fs-pre.target", "cryptsetup-pre.target"):
         assert target in text, f"kdumpd.service is not ordered before {target}"
+    # Passive targets: the ordering only holds when kdumpd pulls them in.
+    wants = " ".join(line.partition("=")[2] for line in text.splitlines()
+                     if line.startswith("Wants="))
+    for target in ("local-fs-pre.target", "remote-fs-pre.target", "cryptsetup-pre.target",
+                   "network-pre.target"):
+        assert target in wants.split(), f"kdumpd.service does not pull in {target}"
     # The wants link points at an absolute path inside the image: resolve it there.
     wants = [root / d / "initrd.target.wants/kdumpd.service"
              for d in ("etc/systemd/system", "usr/lib/systemd/system")]

@@ -35,7 +35,7 @@ UUID = "6b64756d-7064-4c55-4b53-000000000001"
 # smallest cryptsetup accepts) instead of a benchmark of the formatting host.
 PBKDF_MEMORY_KIB = 1048576
 PBKDF_ITERATIONS = 4
-SECTOR = 4096  # encryption sector (LUKS2 with 4 KiB sectors: IVs count 4 KiB sectors)
+SECTOR = 4096  # encryption sector (ext4's block; IVs still count 512-byte sectors)
 KEY = b"kdumpd-e2e: the dump target's key file\n"
 # The dracut modules the LUKS image adds (crypt pulls dm; the systemd module is already there).
 DRACUT_MODULES = ("crypt",)
@@ -67,7 +67,9 @@ def _xts(volume_key: bytes, data: bytes, first_sector: int, encrypt: bool) -> by
     out = bytearray()
     view = memoryview(data)
     for i in range(len(data) // SECTOR):
-        tweak = (first_sector + i).to_bytes(16, "little")  # plain64
+        # plain64: the IV counts 512-byte sectors whatever the encryption sector (LUKS2
+        # never sets dm-crypt's iv_large_sectors).
+        tweak = ((first_sector + i) * (SECTOR // 512)).to_bytes(16, "little")
         c = Cipher(alg, modes.XTS(tweak))
         op = c.encryptor() if encrypt else c.decryptor()
         out += op.update(view[i * SECTOR:(i + 1) * SECTOR])
