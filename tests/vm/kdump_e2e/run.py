@@ -3,7 +3,8 @@
 and its dump is identical, page for page, to one taken before kdumpd touched anything.
 
     python3 tests/vm/kdump_e2e/run.py --kernel 6.1 [--ram 2048] [--crashkernel 256M]
-        [--modes control,swap,scratch] [--out DIR] [--timeout 900] [--factor 3] [--passes 2]
+        [--modes control,swap,scratch,luks-control,luks-swap] [--out DIR] [--timeout 900]
+        [--factor 3] [--passes 2] [--luks-expect fail|complete]
 
 For the kernel (a release or prefix of an installed Debian kernel):
 
@@ -21,6 +22,10 @@ For the kernel (a release or prefix of an installed Debian kernel):
    memory kdumpd uses (/dev/mem); then the final makedumpfile -l -d 31 (scratch: staged on
    kdumpd's filesystem, then copied out), kdumpd's status and report, the journal.
    control: the same with rd.kdumpd=0: the program must be OOM-killed.
+   luks-swap / luks-control (luks.py): no program; the memory-hungry step is systemd-cryptsetup
+   unlocking the LUKS2 dump target (Argon2id, 1 GiB) after kdumpd, and the final dump goes
+   onto it. Without kdumpd the unlock must fail for lack of memory (--luks-expect complete:
+   must succeed, the anchor with a large reservation).
 3. The host reads the dump disk back (debugfs), compares the dumps page by page, checks the
    program saw no wrong byte, that kdumpd detected and repaired the corruption and lost
    nothing, prints a short summary and, last, one JSON line.
