@@ -33,6 +33,10 @@ install_luks() {
     mkdir -p "$initdir$systemdsystemunitdir/$_u.d"
     inst_simple "$moddir/luks-unlock-marks.conf" "$systemdsystemunitdir/$_u.d/kdumpd-e2e.conf" \
         || return 1
+    if [ "${KDUMPD_E2E_LUKS_NOLOCK:-}" = 1 ]; then
+        inst_simple "$moddir/luks-nolock.conf" "$systemdsystemunitdir/$_u.d/nolock.conf" \
+            || return 1
+    fi
     inst_simple "$moddir/kdumpd-e2e-sampler.service" \
         "$systemdsystemunitdir/kdumpd-e2e-sampler.service" || return 1
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target kdumpd-e2e-sampler.service
