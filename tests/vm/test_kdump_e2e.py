@@ -186,6 +186,12 @@ def test_image_unit_and_config(images: dict[str, object]) -> None:
     for target in ("kdump-capture.service", "dracut-initqueue.service", "sysroot.mount",
                    "local-fs-pre.target", "remote-fs-pre.target", "cryptsetup-pre.target"):
         assert target in text, f"kdumpd.service is not ordered before {target}"
+    # Passive targets: the ordering only holds when kdumpd pulls them in.
+    wants = " ".join(line.partition("=")[2] for line in text.splitlines()
+                     if line.startswith("Wants="))
+    for target in ("local-fs-pre.target", "remote-fs-pre.target", "cryptsetup-pre.target",
+                   "network-pre.target"):
+        assert target in wants.split(), f"kdumpd.service does not pull in {target}"
     # The wants link points at an absolute path inside the image: resolve it there.
     wants = [root / d / "initrd.target.wants/kdumpd.service"
              for d in ("etc/systemd/system", "usr/lib/systemd/system")]
@@ -327,4 +333,37 @@ def test_kdump_e2e(kernel: str, modes: str, tmp_path: Path) -> None:
     assert line["wrong_reads"] == 0 and line["lost"] == 0
     assert line["repairs"] > 0
     assert line["swap_used_bytes"] > 0
+    assert rc == 0, run.checks(doc["modes"])
+
+
+# The encrypted dump target (issue 10, scenario 1): LUKS2 with Argon2id at 1 GiB, unlocked by
+# systemd-cryptsetup in the capture kernel at Fedora's default crashkernel=256M. Opt-in
+# (KDUMPD_E2E_LUKS=1) until its CI time is settled: two guest runs with a 4 GiB guest.
+LUKS = os.environ.get("KDUMPD_E2E_LUKS") == "1"
+
+
+@pytest.mark.skipif(not LUKS, reason="KDUMPD_E2E_LUKS=1 runs the LUKS scenario")
+def test_kdump_e2e_luks(tmp_path: Path) -> None:
+    """Without kdumpd the unlock fails for lack of memory; with it the unlock completes over
+    kdumpd's swap and the dump on the encrypted disk equals the reference page for page."""
+    for tool in ("qemu-system-x86_64", "dracut", "makedumpfile", "debugfs", "gcc", "nbdkit",
+                 "mksquashfs", "cryptsetup", "unshare"):
+        require(shutil.which(tool) is not None, f"{tool} not installed")
+    require(os.geteuid() == 0, "dracut and a private mount namespace need root")
+    import run
+
+    out = tmp_path / "e2e-luks"
+    argv = ["--kernel", os.environ.get("KDUMPD_E2E_KERNEL", "6.12"), "--out", str(out),
+            "--modes", "luks-control,luks-swap", "--ram", "4096",
+            "--crashkernel", os.environ.get("KDUMPD_E2E_LUKS_CRASHKERNEL", "256M"),
+            "--timeout", "3600"]
+    rc = run.main(argv)
+    doc = json.loads((out / "results.json").read_text())
+    summary = doc["summary"]["luks"]
+    print(json.dumps(summary))
+    without, with_ = summary["without_kdumpd"], summary["with_kdumpd"]
+    assert without["unlock_ok"] is False
+    assert "ENOMEM" in without["unlock_failure"] or "OOM" in without["unlock_failure"]
+    assert with_["unlock_ok"] is True and with_["dump_identical"] is True
+    assert with_["swap_used_bytes"] > 0
     assert rc == 0, run.checks(doc["modes"])

@@ -3,7 +3,8 @@
 and its dump is identical, page for page, to one taken before kdumpd touched anything.
 
     python3 tests/vm/kdump_e2e/run.py --kernel 6.1 [--ram 2048] [--crashkernel 256M]
-        [--modes control,swap,scratch] [--out DIR] [--timeout 900] [--factor 3] [--passes 2]
+        [--modes control,swap,scratch,luks-control,luks-swap] [--out DIR] [--timeout 900]
+        [--factor 3] [--passes 2] [--luks-expect fail|complete]
 
 For the kernel (a release or prefix of an installed Debian kernel):
 
@@ -21,6 +22,10 @@ For the kernel (a release or prefix of an installed Debian kernel):
    memory kdumpd uses (/dev/mem); then the final makedumpfile -l -d 31 (scratch: staged on
    kdumpd's filesystem, then copied out), kdumpd's status and report, the journal.
    control: the same with rd.kdumpd=0: the program must be OOM-killed.
+   luks-swap / luks-control (luks.py): no program; the memory-hungry step is systemd-cryptsetup
+   unlocking the LUKS2 dump target (Argon2id, 1 GiB) after kdumpd, and the final dump goes
+   onto it. Without kdumpd the unlock must fail for lack of memory (--luks-expect complete:
+   must succeed, the anchor with a large reservation).
 3. The host reads the dump disk back (debugfs), compares the dumps page by page, checks the
    program saw no wrong byte, that kdumpd detected and repaired the corruption and lost
    nothing, prints a short summary and, last, one JSON line.
@@ -48,10 +53,15 @@ sys.path.insert(0, str(HERE))
 
 import dumpcmp  # noqa: E402
 import initramfs  # noqa: E402
+import luks  # noqa: E402
 import mkvmcore as mk  # noqa: E402
 
 TOP = HERE.parents[2]
-MODES = ("control", "swap", "scratch")
+PLAIN_MODES = ("control", "swap", "scratch")
+# The encrypted dump target (luks.py): the unlock (Argon2id, 1 GiB) is the memory-hungry step;
+# without kdumpd (luks-control) it must fail, over kdumpd's swap (luks-swap) it must complete.
+LUKS_MODES = ("luks-control", "luks-swap")
+MODES = PLAIN_MODES + LUKS_MODES
 SERIAL_DUMP = "kdumpd-dump"
 SCRATCH_MOUNT = "/var/lib/kdumpd-scratch"
 MIB = 1 << 20
@@ -89,7 +99,7 @@ class E2EConfig(mk.Config):
 
 def mode_args(mode: str, factor: int, passes: int) -> tuple[str, ...]:
     args = [f"kdumpd_e2e={mode}", f"kdumpd_e2e_factor={factor}", f"kdumpd_e2e_passes={passes}"]
-    if mode == "control":
+    if mode in ("control", "luks-control"):
         args.append("rd.kdumpd=0")
     elif mode == "scratch":
         args += ["kdumpd.as=scratch", f"kdumpd.mount={SCRATCH_MOUNT}"]
@@ -110,7 +120,11 @@ def build_programs(workdir: Path) -> Path:
     return out
 
 
-def build_images(kernel: mk.Kernel, workdir: Path, programs: Path) -> dict[str, initramfs.Image]:
+def build_images(kernel: mk.Kernel, workdir: Path, programs: Path,
+                 modes: list[str]) -> dict[str, initramfs.Image]:
+    """base and kdumpd (what kdumpd adds), and the test images the modes need: e2e (plain
+    dump target), e2e-luks (the same plus dracut's crypt module and the LUKS target's
+    crypttab)."""
     tree = initramfs.dracut_tree(workdir)
     conf = workdir / "kdumpd.conf"
     conf.write_text(KDUMPD_CONF)
@@ -124,12 +138,22 @@ def build_images(kernel: mk.Kernel, workdir: Path, programs: Path) -> dict[str, 
         "kdumpd": initramfs.build(kernel.release, workdir / "kdumpd.img", tree,
                                   modules=(*core, "kdumpd"), env=env,
                                   log=workdir / "dracut-kdumpd.log"),
-        "e2e": initramfs.build(kernel.release, workdir / "e2e.img", tree,
-                               modules=(*core, "kdumpd", "kdumpd-e2e"),
-                               env={**env, "kdumpd_conf": str(conf), "kdumpd_scratch": "yes",
-                                    "KDUMPD_E2E_BUILD": str(programs)},
-                               log=workdir / "dracut-e2e.log"),
     }
+    e2e_env = {**env, "kdumpd_conf": str(conf), "kdumpd_scratch": "yes",
+               "KDUMPD_E2E_BUILD": str(programs)}
+    if any(m in PLAIN_MODES for m in modes):
+        images["e2e"] = initramfs.build(kernel.release, workdir / "e2e.img", tree,
+                                        modules=(*core, "kdumpd", "kdumpd-e2e"), env=e2e_env,
+                                        log=workdir / "dracut-e2e.log")
+    if any(m in LUKS_MODES for m in modes):
+        images["e2e-luks"] = initramfs.build(
+            kernel.release, workdir / "e2e-luks.img", tree,
+            modules=(*core, *luks.DRACUT_MODULES, "kdumpd", "kdumpd-e2e"),
+            env={**e2e_env, "KDUMPD_E2E_LUKS_KEY": str(luks.key_file(workdir)),
+                 "KDUMPD_E2E_LUKS_UUID": luks.UUID,
+                 # 1: systemd-cryptsetup's mlockall made to fail (luks-nolock.conf)
+                 "KDUMPD_E2E_LUKS_NOLOCK": os.environ.get("KDUMPD_E2E_LUKS_NOLOCK", "")},
+            log=workdir / "dracut-e2e-luks.log")
     return images
 
 
@@ -205,7 +229,8 @@ def read_back(disk: Path, dest: Path) -> Path:
 
 
 def run_mode(mode: str, args: argparse.Namespace, kernel: mk.Kernel, workdir: Path,
-             data_image: Path, workload: Path, capture_image: Path) -> dict[str, Any]:
+             data_image: Path, workload: Path, images: dict[str, initramfs.Image]
+             ) -> dict[str, Any]:
     out = args.out / mode
     if out.exists():
         shutil.rmtree(out)
@@ -216,6 +241,7 @@ def run_mode(mode: str, args: argparse.Namespace, kernel: mk.Kernel, workdir: Pa
     rundir = workdir / mode
     rundir.mkdir()
     initrd = rundir / "initrd.img"
+    capture_image = images["e2e-luks" if mode in LUKS_MODES else "e2e"].path
     initrd.write_bytes(first_kernel_initrd(cfg, workload, capture_image))
     data = rundir / "data.ext4"
     subprocess.run(["cp", "--sparse=always", str(data_image), str(data)], check=True)
@@ -225,14 +251,23 @@ def run_mode(mode: str, args: argparse.Namespace, kernel: mk.Kernel, workdir: Pa
         mk.SERIAL_META: mk.make_sparse(rundir / "meta.raw", mk.META_KPAGEFLAGS_OFFSET + kpf_room),
         SERIAL_DUMP: make_dump_disk(rundir / "dump.ext4", 512 + 2 * cfg.ram_mib // 8),
     }
+    luks_disk = None
+    if mode in LUKS_MODES:
+        luks_disk = luks.make_disk(rundir / "luks.img", 256 + cfg.ram_mib // 8, rundir)
+        disks[luks.SERIAL] = luks_disk.path
     console = out / "console.log"
     print(f"e2e[{mode}]: booting {kernel.release}, {cfg.ram_mib} MiB, "
           f"crashkernel={cfg.crashkernel} (console: {console})", file=sys.stderr, flush=True)
     run = run_guest(qemu_command(cfg, initrd, disks), console, cfg.timeout, mode)
     marks = {name: round(at, 1) for name, (at, _) in run.marks.items()}
-    result: dict[str, Any] = {"mode": mode, "marks": marks, "timed_out": run.timed_out}
+    result: dict[str, Any] = {"mode": mode, "marks": marks, "timed_out": run.timed_out,
+                              "crashkernel": cfg.crashkernel, "guest_ram_mib": cfg.ram_mib}
+    if luks_disk is not None:
+        result["luks_keyslot"] = luks_disk.keyslot
     try:
         files = read_back(disks[SERIAL_DUMP], out)
+        if luks_disk is not None:
+            luks.read_back(luks_disk, rundir, files)
     except E2EError as exc:
         result["error"] = str(exc)
         files = None
@@ -244,6 +279,9 @@ def run_mode(mode: str, args: argparse.Namespace, kernel: mk.Kernel, workdir: Pa
                           + f" before the capture finished (last mark {last})")
     if files is not None:
         result.update(analyse(mode, files))
+    if mode in LUKS_MODES and result.get("error") and not result.get("unlock_ok"):
+        # A run that ended before the capture unit: why, from the marks and the console.
+        result.setdefault("unlock_failure", result["error"])
     shutil.rmtree(rundir)
     return result
 
@@ -334,16 +372,25 @@ def analyse(mode: str, d: Path) -> dict[str, Any]:
     r["dump_seconds"] = timings.get("dump_seconds")
     r["failures"] = ((d / "failures.txt").read_text().strip().splitlines()
                      if (d / "failures.txt").exists() else [])
+    if mode in LUKS_MODES:
+        r.update(luks.analyse(d, _kv(d / "luks-unit.txt")))
+        r["completed"] = bool(r["unlock_ok"] and r["dump_identical"])
     for name in ("reference.kdump", "final.kdump"):  # large; the verdict is kept
         if not os.environ.get("KDUMPD_E2E_KEEP_DUMPS"):
             (d / name).unlink(missing_ok=True)
     return r
 
 
-def checks(results: dict[str, dict[str, Any]]) -> list[str]:
-    """What failed, one line each (empty: every check passed)."""
+def checks(results: dict[str, dict[str, Any]], luks_expect: str = "fail") -> list[str]:
+    """What failed, one line each (empty: every check passed). ``luks_expect``: what
+    luks-control must do (fail; complete with enough RAM, the time anchor)."""
     bad = []
     for mode, r in results.items():
+        if mode in LUKS_MODES:
+            bad += luks.checks(mode, r, luks_expect)
+            if r.get("error") and (mode == "luks-swap" or luks_expect == "complete"):
+                bad.append(f"{mode}: {r['error']}")
+            continue
         if r.get("error"):
             bad.append(f"{mode}: {r['error']}")
             continue
@@ -387,10 +434,11 @@ def _mib(n: int | None) -> str:
 
 def summary_line(args: argparse.Namespace, kernel: mk.Kernel, images: dict[str, Any],
                  results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    c, s, x = (results.get(m, {}) for m in MODES)
+    c, s, x, lc, ls = (results.get(m, {}) for m in MODES)
     added_c = images["kdumpd"].compressed - images["base"].compressed
     added_u = images["kdumpd"].unpacked - images["base"].unpacked
-    ran = [r for m, r in results.items() if m != "control"]
+    ran = [r for m, r in results.items() if m in ("swap", "scratch")]
+    s = s or ls  # the footprint of kdumpd serving swap: the plain swap run, else the LUKS one
     return {
         "kernel": kernel.release,
         "guest_ram": f"{args.ram}M",
@@ -417,10 +465,21 @@ def summary_line(args: argparse.Namespace, kernel: mk.Kernel, images: dict[str, 
         "scratch": ({k: x.get(k) for k in ("completed", "dump_identical", "wrong_reads",
                                           "repairs", "ready_seconds", "dump_seconds")}
                     if x else None),
+        "luks": luks_summary(lc, ls) if lc or ls else None,
         "modes": list(results),
-        "passed": not checks(results),
+        "passed": not checks(results, args.luks_expect),
     } | ratios(s.get("ready_seconds") or x.get("ready_seconds"), s.get("dump_seconds"),
                (s.get("timings") or {}).get("reference_dump_seconds"))
+
+
+def luks_summary(lc: dict[str, Any], ls: dict[str, Any]) -> dict[str, Any]:
+    keys = ("unlock_ok", "unlock_seconds", "unlock_failure", "completed", "dump_identical",
+            "dump_seconds")
+    return {"keyslot": (lc or ls).get("luks_keyslot"),
+            "unlock_memory_locked": os.environ.get("KDUMPD_E2E_LUKS_NOLOCK") != "1",
+            "without_kdumpd": {k: lc.get(k) for k in keys} if lc else None,
+            "with_kdumpd": ({k: ls.get(k) for k in (*keys, "swap_used_bytes", "kdumpd_pss_bytes",
+                                                    "kdumpd_rss_bytes")} if ls else None)}
 
 
 def ratios(ready: float | None, dump: float | None, reference: float | None) -> dict[str, Any]:
@@ -503,9 +562,23 @@ def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> N
       f"(+{line['initramfs_added_unpacked_bytes'] / MIB:.1f} MiB unpacked), "
       f"kdumpd + nbdkit {_mib(line['kdumpd_rss_bytes'])} RSS, "
       f"{_mib(line['kdumpd_pss_bytes'])} PSS while serving (peak)")
+    for mode in LUKS_MODES:
+        r = results.get(mode)
+        if not r:
+            continue
+        kdf = (r.get("luks_keyslot") or {}).get("kdf") or {}
+        p(f"   LUKS2 target ({kdf.get('type')}, {kdf.get('memory', 0) // 1024} MiB, "
+          f"{kdf.get('time')} passes, {kdf.get('cpus')} lanes), "
+          + ("without kdumpd" if mode == "luks-control" else "with kdumpd") + ": unlock "
+          + (f"completed in {r.get('unlock_seconds')} s" if r.get("unlock_ok")
+             else f"FAILED: {r.get('unlock_failure')}")
+          + (f"; dump onto it {'IDENTICAL' if r.get('dump_identical') else 'DIFFERENT'} "
+             f"({r.get('dump_seconds')} s)" if r.get("unlock_ok") else "")
+          + (f"; swap used at the peak {_mib(r.get('swap_used_bytes'))}"
+             if mode == "luks-swap" else ""))
     for goal in goal_lines(line):
         p(f"   goal: {goal}")
-    bad = checks(results)
+    bad = checks(results, line.get("luks_expect", "fail"))
     p("   RESULT: " + ("PASS" if not bad else "FAIL: " + "; ".join(bad)))
 
 
@@ -515,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ram", type=int, default=2048, help="guest RAM in MiB")
     ap.add_argument("--crashkernel", default="256M")
     ap.add_argument("--modes", default=",".join(MODES),
-                    help="comma-separated subset of control,swap,scratch")
+                    help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--out", type=Path, default=None,
                     help="results directory (default: a new one under /var/tmp)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per guest run")
@@ -523,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the program uses FACTOR x the memory available before kdumpd")
     ap.add_argument("--passes", type=int, default=1, help="verify-and-rewrite passes")
     ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--luks-expect", choices=("fail", "complete"), default="fail",
+                    help="luks-control must fail (default) or complete (the time anchor, with "
+                         "a reservation large enough for Argon2's 1 GiB)")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
@@ -538,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             programs = build_programs(workdir)
             print(f"e2e: dracut images for {kernel.release}", file=sys.stderr, flush=True)
-            images = build_images(kernel, workdir, programs)
+            images = build_images(kernel, workdir, programs, modes)
             cfg0 = E2EConfig(kernel=kernel, ram_mib=args.ram, crashkernel=args.crashkernel,
                              kaslr=True, four_level=False, smp=args.smp, timeout=args.timeout,
                              out=args.out)
@@ -547,12 +623,13 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for mode in modes:
                 results[mode] = run_mode(mode, args, kernel, workdir, data_image, workload,
-                                         images["e2e"].path)
+                                         images)
             image_info = {k: v.to_json() for k, v in images.items()}
-    except (mk.MkVmcoreError, initramfs.BuildError, E2EError) as exc:
+    except (mk.MkVmcoreError, initramfs.BuildError, E2EError, luks.LuksError) as exc:
         print(f"e2e: {exc}", file=sys.stderr)
         return 2
     line = summary_line(args, kernel, images, results)
+    line["luks_expect"] = args.luks_expect
     line["wall_seconds"] = round(time.monotonic() - t0, 1)
     (args.out / "results.json").write_text(json.dumps(
         {"summary": line, "modes": results, "images": image_info}, indent=2, default=str) + "\n")

@@ -63,3 +63,23 @@ find_disk() {
     done
     return 1
 }
+
+# RSS and PSS (KiB) of a process, from smaps_rollup; "0 0" when it is gone.
+memof() {
+    awk '/^Rss:/ { r = $2 } /^Pss:/ { p = $2 } END { print r + 0, p + 0 }' \
+        "/proc/${1:-0}/smaps_rollup" 2> /dev/null || echo "0 0"
+}
+
+# Every 2 s: daemon and nbdkit RSS and PSS, swap in use, free memory (KiB).
+sampler() {
+    local st dp np
+    while :; do
+        st=/run/kdumpd/state.json
+        dp=$(sed -n 's/.*"daemon_pid": *\([0-9]*\).*/\1/p' $st 2> /dev/null)
+        np=$(sed -n 's/.*"nbdkit_pid": *\([0-9]*\).*/\1/p' $st 2> /dev/null)
+        echo "$(now) $(memof "$dp") $(memof "$np")" \
+            "$(awk '/^SwapTotal:/ { t = $2 } /^SwapFree:/ { f = $2 } /^MemFree:/ { m = $2 }
+                    END { print t - f, m }' /proc/meminfo)" >> "$T/run/samples.txt"
+        sleep 2
+    done
+}
