@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 
 from kdumpd.errors import ConfigError
+from kdumpd.pathcheck import existing_entry
 from kdumpd.units import Extent
 
 __all__ = ["STDOUT", "check_output_path", "format_extents", "read_extents_file",
@@ -48,21 +49,9 @@ def check_output_path(path: str, inputs: Sequence[str] = (), flag: str = "--exte
         if _under(real, top):
             raise ConfigError(f"{where}: refusing to write under {top} (a kernel interface, "
                               "not a place for files)")
-    parent = os.path.dirname(real) or "."
-    try:
-        pst = os.stat(parent)
-    except OSError as exc:
-        raise ConfigError(f"{where}: directory {parent}: {exc.strerror}") from None
-    if not stat.S_ISDIR(pst.st_mode):
-        raise ConfigError(f"{where}: {parent} is not a directory")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    st = existing_entry(real, where)
+    if st is None:
         return
-    except OSError as exc:
-        raise ConfigError(f"{where}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{where}: is a directory")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{where}: not a regular file (a device, pipe or socket); "
                           f"use {flag} - for standard output")

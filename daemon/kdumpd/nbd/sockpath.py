@@ -20,6 +20,7 @@ import stat
 import struct
 
 from kdumpd.errors import ConfigError, RefusedError
+from kdumpd.pathcheck import existing_entry
 
 __all__ = ["answers", "check_socket_path", "remove_if_stale"]
 
@@ -77,22 +78,9 @@ def check_socket_path(path: str, flag: str = "--socket") -> None:
     replace something other than a stale socket. ConfigError (exit 2) for a bad path,
     RefusedError (exit 6) for a socket a live server answers on."""
     where = f"{flag} {path}"
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        pst = os.stat(parent)
-    except OSError as exc:
-        raise ConfigError(f"{where}: directory {parent}: {exc.strerror} (kdumpd does not "
-                          "create it)") from None
-    if not stat.S_ISDIR(pst.st_mode):
-        raise ConfigError(f"{where}: {parent} is not a directory")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = existing_entry(path, where, follow=False, hint=" (kdumpd does not create it)")
+    if st is None:
         return
-    except OSError as exc:
-        raise ConfigError(f"{where}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{where}: is a directory")
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{where}: exists and is not a socket: refusing to replace it")
     err = _probe(path)
