@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdumpd.crash.dmesg import LogRecord, read_log
 from kdumpd.errors import LayoutError, TranslationError
 from kdumpd.mm import native
 from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
@@ -27,9 +26,8 @@ from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
 from kdumpd.vmcore.core import Vmcore
 from kdumpd.vmcore.elf import kernel_text_loads
 from kdumpd.xlat import Translator, make_translator
-from kdumpd.xlat.vmem import VirtMem
 
-__all__ = ["Plan", "make_plan", "read_crash_log"]
+__all__ = ["Plan", "Progress", "make_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +317,6 @@ def _split_and_filter(
             if b - a >= min_run_pages:
                 out.append(Extent(a, b))
     return out
-
-
-def read_crash_log(vm: Vmcore) -> list[LogRecord]:
-    """The crashed kernel's printk log (both ring formats), oldest record first."""
-    xlat = make_translator(vm.header.arch, vm.info, vm.header.loads, vm.phys.read_u64)
-    return read_log(vm.info, VirtMem(xlat, vm.phys))
 
 
 def xlat_read_u64(xlat: Translator, vm: Vmcore) -> Callable[[int], int]:
