@@ -162,8 +162,7 @@ def make_plan(
     info = vm.info
     layout = PageLayout.from_vmcoreinfo(info)
     xlat = make_translator(vm.header.arch, info, vm.header.loads, vm.phys.read_u64)
-    five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
-    sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
+    sections = MemSections(info, xlat_read_u64(xlat, vm), xlat.max_physmem_bits)
     policy = ReusePolicy.build(dump_level, layout, withheld)
     reuse_lut = native.lut(policy.classes)
     candidates = 0  # reusable by class in usable sections, before the poison veto
@@ -268,7 +267,7 @@ def make_plan(
         categories["remaining"] = categories["remaining"] - zero_pages
     features: dict[str, Any] = {
         **layout.features(),
-        "paging_levels": 5 if five_level else 4,
+        "paging_levels": xlat.paging_levels,
         "kaslr_offset": info.kerneloffset,
         "sparsemem_extreme": sections.extreme,
         "section_size_bits": sections.section_size_bits,
