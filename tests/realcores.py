@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-import kdumpd.plan as planmod
-from kdumpd.plan import Plan, make_plan
+import kdumpd.plan.pipeline as planmod
+from kdumpd.plan.pipeline import Plan, make_plan
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore
 

@@ -24,7 +24,7 @@ from kdumpd.units import human_size
 # The planner (vmcore reader, classifier, safety gate) is imported by the commands that plan,
 # not here: `kdumpd --help`, `status` and `stop` start without it.
 if TYPE_CHECKING:
-    from kdumpd.plan import Plan
+    from kdumpd.plan.pipeline import Plan
     from kdumpd.safety.hostfacts import HostFacts
     from kdumpd.vmcore.core import Vmcore
 
@@ -95,7 +95,7 @@ def _read_named(flag: str, path: str | None) -> str:
 
 
 def _host_facts(args: argparse.Namespace) -> HostFacts | None:
-    from kdumpd.safeplan import host_facts_here
+    from kdumpd.plan.gated import host_facts_here
     from kdumpd.safety.hostfacts import parse_host_facts
 
     if args.host_iomem or args.host_cmdline or args.host_nfit:
@@ -134,7 +134,7 @@ def _collector(args: argparse.Namespace) -> str | None:
 def _asked_level(args: argparse.Namespace) -> int | None:
     """The dump level the collector in force uses (None: it excludes nothing), found the way
     the gate finds it; for the survey header when the gate refused."""
-    from kdumpd.safeplan import DEFAULT_COLLECTOR
+    from kdumpd.plan.gated import DEFAULT_COLLECTOR
     from kdumpd.safety.collector import parse_collector
     from kdumpd.safety.kdumpconf import discover
 
@@ -164,10 +164,10 @@ def _vmcore(path: str) -> Iterator[Vmcore]:
 
 
 def _build_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
-    from kdumpd.plan import make_plan
-    from kdumpd.safeplan import gated_plan
-
     """The gated plan, or (for survey) the ungated counts and the refusal."""
+    from kdumpd.plan.gated import gated_plan
+    from kdumpd.plan.pipeline import make_plan
+
     bar = _ProgressBar(sys.stderr.isatty() and not getattr(args, "json", False))
     collector = _collector(args)
     try:
@@ -309,7 +309,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    from kdumpd.plan import read_crash_log
+    from kdumpd.crash.log import read_crash_log
 
     with _vmcore(args.vmcore) as vm:
         for record in read_crash_log(vm):

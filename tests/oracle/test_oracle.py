@@ -26,7 +26,7 @@ import pytest
 
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.policy import excluded_classes
-from kdumpd.plan import Plan, make_plan
+from kdumpd.plan.pipeline import Plan, make_plan
 from kdumpd.safety.collector import FOLIO_TAILS
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore
@@ -130,7 +130,7 @@ def test_counts_agree_with_guest_meminfo(real: Path) -> None:
 
 def test_dmesg_matches_makedumpfile(real: Path, tmp_path: Path) -> None:
     """``kdumpd dmesg`` prints exactly what ``makedumpfile --dump-dmesg`` prints."""
-    from kdumpd.plan import read_crash_log
+    from kdumpd.crash.log import read_crash_log
 
     theirs = tmp_path / "mdf-dmesg.txt"
     subprocess.run(["makedumpfile", "--dump-dmesg", str(real), str(theirs)],
@@ -154,7 +154,7 @@ def test_gated_plan_is_subset_for_the_installed_collector(real: Path, tmp_path: 
     collector leaves out of the dump. And the gate withholds no more than it must: the plan
     covers every page of kdumpd's -d 31 classes that this collector really excludes (on 6.12
     1.7.2 excludes the plain anonymous pages, and they stay reusable)."""
-    from kdumpd.safeplan import gated_plan
+    from kdumpd.plan.gated import gated_plan
 
     ref = mdf.run(real, 31, tmp_path)
     with open_vmcore(real) as vm:
@@ -174,7 +174,7 @@ def test_gated_plan_for_elf_output_avoids_short_runs(real: Path, tmp_path: Path)
     an ELF collector must not contain a single page that ends up in the output."""
     from elftools.elf.elffile import ELFFile
 
-    from kdumpd.safeplan import gated_plan
+    from kdumpd.plan.gated import gated_plan
 
     out = tmp_path / "dump.elf"
     subprocess.run(["makedumpfile", "-E", "-d", "31", "--message-level", "0", str(real),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kdumpd.cli import main
-from kdumpd.plan import make_plan
+from kdumpd.plan.pipeline import make_plan
 from kdumpd.vmcore.core import open_vmcore
 from tests.realcores import NAMES, vmcore_dir
 

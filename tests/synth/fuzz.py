@@ -249,8 +249,8 @@ def _apply(fd: int, patches: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]
 
 def worker_main(workdir: Path) -> None:
     """Serve inputs from stdin; write one JSON result line per input to the protocol fd."""
-    from kdumpd import safeplan
     from kdumpd.config import load_serve_config
+    from kdumpd.plan import gated
 
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stray writes (C, logging) go nowhere
@@ -260,8 +260,8 @@ def worker_main(workdir: Path) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     # `makedumpfile -v` once, not per input: the same answer, and a fork per input would
     # measure fork speed rather than the reader.
-    version = safeplan.collector_version()
-    safeplan.collector_version = lambda program="makedumpfile": version  # type: ignore
+    version = gated.collector_version()
+    gated.collector_version = lambda program="makedumpfile": version  # type: ignore
     seeds = json.loads((workdir / "seeds.json").read_text())
     me = workdir / f"w{os.getpid()}"
     me.mkdir()

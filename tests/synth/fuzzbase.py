@@ -203,8 +203,7 @@ def anatomy(path: Path, *, real: bool = False, rng: random.Random | None = None)
             ms_reads.append(pa)
             return phys.read_u64(pa)
 
-        five = bool(vm.info.numbers.get("pgtable_l5_enabled", 0))
-        ms = MemSections(vm.info, read_v, 52 if five else 46)
+        ms = MemSections(vm.info, read_v, xlat.max_physmem_bits)
         last_pfn = a.ram_end >> 12
         pfns: set[int] = set()
         shaped = [0x4000, 0x4400, 0x4410, 0x5000, 0x6000, 0x6001, 0x6002, 0x6003, 0x6004,

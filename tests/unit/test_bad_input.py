@@ -13,7 +13,7 @@ from tests.synth.builder import Machine, template
 
 from kdumpd.cli import main
 from kdumpd.errors import KdumpdError, LayoutError, TranslationError, VmcoreError
-from kdumpd.plan import make_plan
+from kdumpd.plan.pipeline import make_plan
 from kdumpd.vmcore.core import open_vmcore
 
 

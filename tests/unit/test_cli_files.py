@@ -364,6 +364,6 @@ def test_help_imports_no_planner() -> None:
     top = Path(__file__).resolve().parents[2] / "daemon"
     out = subprocess.run([sys.executable, "-I", "-c", code, str(top)], capture_output=True,
                          text=True, check=True).stdout.split()
-    for heavy in ("kdumpd.plan", "kdumpd.mm.classify", "kdumpd.vmcore.core", "kdumpd.safeplan",
+    for heavy in ("kdumpd.plan", "kdumpd.mm.classify", "kdumpd.vmcore.core", "kdumpd.plan.gated",
                   "kdumpd.serve.lifecycle"):
         assert heavy not in out, out

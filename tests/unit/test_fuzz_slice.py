@@ -63,7 +63,7 @@ def test_the_harness_reports_a_foreign_exception(tmp_path: Path,
     def boom(*args: object, **kw: object) -> None:
         raise IndexError("deliberate")
     monkeypatch.setattr(prepare, "plan_for_serve", boom)
-    monkeypatch.setattr("kdumpd.safeplan.gated_plan", boom)  # the CLI imports it when planning
+    monkeypatch.setattr("kdumpd.plan.gated.gated_plan", boom)  # the CLI imports it when planning
     res = fuzz._serve_plan(core, None)
     assert res["finding"].startswith("IndexError: deliberate")
     cli = fuzz._cli(["survey", str(core), "-d", "31"], fuzz._error_names())

@@ -136,7 +136,7 @@ def test_collector_version_comes_from_the_binary_the_line_names(
     conf = tmp_path / "root" / "etc" / "kdump.conf"
     conf.parent.mkdir(parents=True)
     conf.write_text(f"core_collector {newer} -l --message-level 7 -d 31\n")
-    from kdumpd.safeplan import gated_plan
+    from kdumpd.plan.gated import gated_plan
     from kdumpd.vmcore.core import open_vmcore
 
     with open_vmcore(core) as vm:

@@ -25,20 +25,20 @@ ALLOWED: dict[str, set[str]] = {
     "xlat": _BOTTOM | {"vmcore", "xlat"},
     "mm": _BOTTOM | {"vmcore", "xlat", "mm"},
     "crash": _BOTTOM | {"vmcore", "xlat", "crash"},
-    "plan": _BOTTOM | {"vmcore", "xlat", "mm", "crash"},
     "extentsfile": _BOTTOM | {"pathcheck"},
     "safety": _BOTTOM | {"vmcore", "mm", "crash", "safety"},
-    "safeplan": _BOTTOM | {"vmcore", "mm", "crash", "safety", "plan"},
+    # the pipeline (vmcore -> xlat -> mm -> extents) and, above it, the plan behind the gate
+    "plan": _BOTTOM | {"vmcore", "xlat", "mm", "crash", "safety", "plan"},
     "oldmem": _BOTTOM | {"oldmem", "cmdline"},
     # config checks the backend spec with oldmem.spec (pure), nothing else of oldmem
     "config": {"errors", "config", "cmdline", "oldmem"},
     "store": _BOTTOM | {"oldmem", "store"},
     "nbd": _BOTTOM | {"store", "oldmem", "journal", "jsonfile", "pathcheck", "nbd"},
-    "serve": _BOTTOM | {"vmcore", "plan", "safeplan", "store", "oldmem", "nbd", "journal",
-                        "jsonfile", "config", "phases", "serve"},
+    "serve": _BOTTOM | {"vmcore", "plan", "store", "oldmem", "nbd", "journal", "jsonfile",
+                        "config", "phases", "serve"},
     # the command line: parses flags and calls down
     "servecli": _BOTTOM | {"config", "oldmem", "serve"},
-    "cli": _BOTTOM | {"vmcore", "plan", "safeplan", "safety", "extentsfile", "servecli"},
+    "cli": _BOTTOM | {"vmcore", "crash", "plan", "safety", "extentsfile", "servecli"},
     "__main__": _BOTTOM | {"cli"},
 }
 _CLI = {"cli", "servecli", "__main__"}
@@ -82,6 +82,32 @@ def test_imports_follow_the_data_flow() -> None:
     assert not violations, violations
 
 
+def _full_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdumpd."):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("kdumpd."))
+    return out
+
+
+def test_the_pipeline_sits_below_the_gate() -> None:
+    """Inside plan/ the order is pipeline -> gated: the walk knows nothing of the safety rules
+    (the gate hands it plain withheld classes and forbidden ranges)."""
+    imports = _full_imports(PKG / "plan" / "pipeline.py")
+    assert not {m for m in imports if m.startswith(("kdumpd.safety", "kdumpd.plan"))}, imports
+    assert "kdumpd.plan.pipeline" in _full_imports(PKG / "plan" / "gated.py")
+
+
+def test_the_crash_facts_need_no_planner() -> None:
+    """The crashed kernel's log and facts are read without the planner (`kdumpd dmesg`, rule 1)."""
+    users = [str(p.relative_to(PKG)) for p in (PKG / "crash").rglob("*.py")
+             if {"plan", "safety", "mm"} & _imports(p)]
+    assert not users
+
+
 def test_only_the_cli_imports_serve() -> None:
     users = [str(p.relative_to(PKG)) for p in _modules()
              if _group(p) not in _CLI | {"serve"} and "serve" in _imports(p)]
@@ -101,8 +127,9 @@ def _loaded_by(module: str) -> set[str]:
     return set(proc.stdout.split())
 
 
-_PLANNER = {"kdumpd.plan", "kdumpd.safeplan", "kdumpd.config", "kdumpd.vmcore", "kdumpd.mm",
-            "kdumpd.xlat", "kdumpd.serve.prepare", "kdumpd.serve.lifecycle"}
+_PLANNER = {"kdumpd.plan", "kdumpd.plan.pipeline", "kdumpd.plan.gated", "kdumpd.config",
+            "kdumpd.vmcore", "kdumpd.mm", "kdumpd.xlat", "kdumpd.serve.prepare",
+            "kdumpd.serve.lifecycle"}
 
 
 def test_the_supervisor_loads_no_planner_and_no_store() -> None:

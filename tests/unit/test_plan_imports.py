@@ -18,7 +18,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_planning_imports_no_numpy() -> None:
-    proc = _run("import sys, kdumpd.plan, kdumpd.safeplan, kdumpd.mm.classify, "
+    proc = _run("import sys, kdumpd.plan.pipeline, kdumpd.plan.gated, kdumpd.mm.classify, "
                 "kdumpd.mm.policy, kdumpd.mm.extents; "
                 "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy'))")
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ from kdumpd.errors import LayoutError
 from kdumpd.mm.classify import PageClass
 from kdumpd.mm.pagelayout import PageLayout
 from kdumpd.mm.plausible import Evidence, check
-from kdumpd.plan import make_plan
+from kdumpd.plan.pipeline import make_plan
 from kdumpd.vmcore.core import open_vmcore
 from kdumpd.vmcore.vmcoreinfo import parse_vmcoreinfo
 

@@ -14,7 +14,7 @@ import pytest
 from tests.synth.builder import Machine, layout_variant, template
 
 from kdumpd.mm.classify import PageClass
-from kdumpd.plan import Plan, make_plan
+from kdumpd.plan.pipeline import Plan, make_plan
 from kdumpd.vmcore.core import open_vmcore
 
 KERNELS = ["6.1", "6.12"]
@@ -84,7 +84,7 @@ def _build(tmp_path: Path, kernel: str, **kw: object) -> tuple[Machine, Path]:
 
 
 def _classes(path: Path) -> tuple[Plan, dict[int, int]]:
-    import kdumpd.plan as planmod
+    import kdumpd.plan.pipeline as planmod
 
     seen: dict[int, int] = {}
     original = planmod.Classifier.classify

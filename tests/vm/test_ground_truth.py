@@ -18,7 +18,7 @@ import pytest
 from tests.realcores import NAMES, class_map, vmcore_dir, vmcores
 
 from kdumpd.mm.classify import PageClass
-from kdumpd.plan import Plan
+from kdumpd.plan.pipeline import Plan
 from kdumpd.vmcore.core import open_vmcore
 
 P = PageClass

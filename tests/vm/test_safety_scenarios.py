@@ -15,8 +15,8 @@ from tests.realcores import class_map, vmcore_dir, vmcores
 from kdumpd.cli import main
 from kdumpd.errors import RefusedError
 from kdumpd.mm.classify import PageClass
-from kdumpd.plan import Plan
-from kdumpd.safeplan import gated_plan
+from kdumpd.plan.gated import gated_plan
+from kdumpd.plan.pipeline import Plan
 from kdumpd.safety.hostfacts import parse_host_facts
 from kdumpd.units import PAGE_SHIFT
 from kdumpd.vmcore.core import open_vmcore

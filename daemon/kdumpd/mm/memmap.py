@@ -71,14 +71,17 @@ class MemSections:
         self,
         info: VmcoreInfo,
         read_u64_v: Callable[[int], int],
-        default_max_physmem_bits: int,
+        paging_physmem_bits: int,
     ) -> None:
+        """``paging_physmem_bits`` is the paging mode's physical address width (the
+        translator's ``max_physmem_bits``): the fallback for kernels whose VMCOREINFO does not
+        export ``NUMBER(MAX_PHYSMEM_BITS)`` (older kernels do not)."""
         self._read = read_u64_v
         self.root_vaddr = info.symbol("mem_section")
         self.size_mem_section = info.size("mem_section")
         self.off_map = info.offset("mem_section.section_mem_map")
         self.section_size_bits = info.number("SECTION_SIZE_BITS")
-        self.max_physmem_bits = info.numbers.get("MAX_PHYSMEM_BITS", default_max_physmem_bits)
+        self.max_physmem_bits = info.numbers.get("MAX_PHYSMEM_BITS", paging_physmem_bits)
         if not PAGE_SHIFT < self.section_size_bits < self.max_physmem_bits <= 64:
             raise LayoutError(
                 f"SECTION_SIZE_BITS={self.section_size_bits} / "

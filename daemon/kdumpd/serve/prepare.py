@@ -23,8 +23,8 @@ from kdumpd.oldmem.devmem import DevMem
 from kdumpd.oldmem.spec import PROC_VMCORE, BackendSpec, parse_backend, resolve_backend
 from kdumpd.oldmem.vmcore_rw import VmcoreRW
 from kdumpd.phases import Phases
-from kdumpd.plan import Plan
-from kdumpd.safeplan import gated_plan, host_facts_here
+from kdumpd.plan.gated import gated_plan, host_facts_here
+from kdumpd.plan.pipeline import Plan
 from kdumpd.serve.runconf import RunConf
 from kdumpd.serve.rundir import RUNCONF, make_run_dir
 from kdumpd.store.placement import Placement

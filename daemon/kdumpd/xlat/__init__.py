@@ -20,7 +20,15 @@ __all__ = ["Translator", "make_translator"]
 
 
 class Translator(Protocol):
-    """Translate a crashed-kernel virtual address; raise TranslationError if it does not map."""
+    """Translate a crashed-kernel virtual address; raise TranslationError if it does not map.
+
+    It also names the paging mode it walks: ``paging_levels``, and ``max_physmem_bits``, the
+    physical address width the kernel assumes in that mode (what sizes mem_section when
+    VMCOREINFO does not export ``NUMBER(MAX_PHYSMEM_BITS)``).
+    """
+
+    paging_levels: int
+    max_physmem_bits: int
 
     def translate(self, vaddr: int) -> int: ...
 

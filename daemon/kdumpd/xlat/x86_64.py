@@ -55,6 +55,10 @@ class X86_64Translator:
         # Kernels before 5-level paging support (v4.17) do not export the key: 4 levels.
         self.five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
         self.levels = _LEVELS_5 if self.five_level else _LEVELS_4
+        self.paging_levels = len(self.levels)
+        # The kernel's MAX_PHYSMEM_BITS on x86_64 follows the paging mode: 52 bits with 5-level
+        # tables, 46 with 4-level; the planner uses it only when VMCOREINFO does not export it.
+        self.max_physmem_bits = 52 if self.five_level else 46
         sme_mask = info.numbers.get("sme_mask", 0)
         self.entry_mask = _ENTRY_MASK & ~sme_mask
         self.kernel_image_size = info.numbers.get("KERNEL_IMAGE_SIZE", _DEFAULT_KERNEL_IMAGE_SIZE)

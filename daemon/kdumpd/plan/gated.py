@@ -15,16 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdumpd.crash.facts import CrashFacts, crash_facts
+from kdumpd.crash.log import read_crash_log
 from kdumpd.errors import ConfigError, KdumpdError, RefusedError
 from kdumpd.mm.pagelayout import PageLayout
-from kdumpd.plan import Plan, Progress, make_plan, read_crash_log
+from kdumpd.plan.pipeline import Plan, Progress, make_plan
 from kdumpd.safety.collector import parse_collector
 from kdumpd.safety.gate import Decision, decide
 from kdumpd.safety.hostfacts import HostFacts, parse_host_facts
 from kdumpd.safety.kdumpconf import CollectorSource, discover
 from kdumpd.vmcore.core import Vmcore
 
-__all__ = ["GatedPlan", "collector_version", "gated_plan", "host_facts_here"]
+__all__ = ["DEFAULT_COLLECTOR", "GatedPlan", "collector_version", "gated_plan",
+           "host_facts_here"]
 
 log = logging.getLogger(__name__)
 DEFAULT_COLLECTOR = "makedumpfile -d 31"

@@ -2,21 +2,21 @@
 
 This is the only module that sees the vmcore, the translator and the classifier together. It
 streams the struct page array one memory section at a time, so memory stays flat whatever the
-size of the crashed machine.
+size of the crashed machine: ``classified_chunks`` is that stream (struct pages read and
+classified, one chunk per section piece) and ``make_plan`` folds it into extents and counts.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdumpd.crash.dmesg import LogRecord, read_log
 from kdumpd.errors import LayoutError, TranslationError
 from kdumpd.mm import native
-from kdumpd.mm.classify import MDF_CATEGORIES, Classifier, PageClass
+from kdumpd.mm.classify import MDF_CATEGORIES, ChunkResult, Classifier, PageClass
 from kdumpd.mm.extents import ExtentBuilder
 from kdumpd.mm.memmap import MemSections, Section
 from kdumpd.mm.pagelayout import PageLayout
@@ -27,9 +27,8 @@ from kdumpd.units import PAGE_SHIFT, PAGE_SIZE, Extent
 from kdumpd.vmcore.core import Vmcore
 from kdumpd.vmcore.elf import kernel_text_loads
 from kdumpd.xlat import Translator, make_translator
-from kdumpd.xlat.vmem import VirtMem
 
-__all__ = ["Plan", "make_plan", "read_crash_log"]
+__all__ = ["Chunk", "Plan", "Progress", "classified_chunks", "make_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +142,55 @@ def _examined_spans(vm: Vmcore) -> list[tuple[int, int, int, int]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One examined span's piece inside one memory section, as the walk yields it.
+
+    ``pages`` (the struct pages read from old memory) and ``result`` (their classes) are None
+    for a section without a mem_map; ``pages`` is a view of a reused buffer, valid only until
+    the walk yields the next chunk. ``usable_start``/``usable_end`` bound the span's pfns
+    whose whole page is in the file (the only ones that may be reused)."""
+
+    section: Section
+    start_pfn: int
+    end_pfn: int
+    usable_start: int
+    usable_end: int
+    pages: memoryview | None
+    result: ChunkResult | None
+
+
+def classified_chunks(
+    vm: Vmcore,
+    xlat: Translator,
+    sections: MemSections,
+    classifier: Classifier,
+    spans: list[tuple[int, int, int, int]],
+) -> Iterator[Chunk]:
+    """The seam of the pipeline: walk ``spans`` (see ``_examined_spans``) section by section,
+    read each piece's struct pages and classify them, one chunk at a time, so whatever
+    consumes the chunks (the plan's policy and counts) holds one section's pages at most."""
+    reader = _StructPageReader(vm, xlat, classifier.layout)
+    vmemmap = vm.info.symbols.get("vmemmap")
+    for start, end, usable_start, usable_end in spans:
+        classifier.skip_to(start)
+        for section in sections.iter_sections(start, end):
+            a = max(start, section.start_pfn)
+            b = min(end, section.end_pfn)
+            if not section.has_mem_map:
+                classifier.skip_to(b)
+                yield Chunk(section, a, b, usable_start, usable_end, None, None)
+                continue
+            if vmemmap is not None and section.coded_mem_map != vmemmap:
+                raise LayoutError(
+                    f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
+                    f"SYMBOL(vmemmap)={vmemmap:#x}"
+                )
+            pages = reader.read(section, a, b)
+            yield Chunk(section, a, b, usable_start, usable_end, pages,
+                        classifier.classify(a, pages))
+
+
 def make_plan(
     vm: Vmcore,
     dump_level: int = 31,
@@ -164,15 +212,13 @@ def make_plan(
     info = vm.info
     layout = PageLayout.from_vmcoreinfo(info)
     xlat = make_translator(vm.header.arch, info, vm.header.loads, vm.phys.read_u64)
-    five_level = bool(info.numbers.get("pgtable_l5_enabled", 0))
-    sections = MemSections(info, xlat_read_u64(xlat, vm), 52 if five_level else 46)
+    sections = MemSections(info, xlat_read_u64(xlat, vm), xlat.max_physmem_bits)
     policy = ReusePolicy.build(dump_level, layout, withheld)
     reuse_lut = native.lut(policy.classes)
     candidates = 0  # reusable by class in usable sections, before the poison veto
     offline_pages = 0  # reusable by class but in a section that is not online
     hotplugged_pages = 0  # reusable by class but in a section added after boot (withheld)
     classifier = Classifier(layout)
-    reader = _StructPageReader(vm, xlat, layout)
     builder = ExtentBuilder()
     counts: Counter[int] = Counter()
     chunk_counts = native.new_counts()  # per-class pages of every classified chunk, in C
@@ -180,57 +226,46 @@ def make_plan(
     spans = _examined_spans(vm)
     total = sum(end - start for start, end, _, _ in spans)
     done = 0
-    vmemmap = info.symbols.get("vmemmap")
+    vmemmap = info.symbols.get("vmemmap")  # for the features; the walk checks it
     probes = [(s.p_paddr >> PAGE_SHIFT,
                (s.p_paddr >> PAGE_SHIFT) + min(KERNEL_PROBE_PAGES, s.p_memsz >> PAGE_SHIFT))
               for s in kernel_text_loads(vm.header.loads)]
     evidence = Evidence()
     checks = native.new_counts()
-    for start, end, usable_start, usable_end in spans:
-        classifier.skip_to(start)
-        for section in sections.iter_sections(start, end):
-            a = max(start, section.start_pfn)
-            b = min(end, section.end_pfn)
-            npages = b - a
-            if not section.has_mem_map:
-                counts[PageClass.NO_MEMMAP] += npages
-                classifier.skip_to(b)
-                done += npages
-                continue
-            if vmemmap is not None and section.coded_mem_map != vmemmap:
-                raise LayoutError(
-                    f"section {section.nr} mem_map {section.coded_mem_map:#x} disagrees with "
-                    f"SYMBOL(vmemmap)={vmemmap:#x}"
-                )
-            pages = reader.read(section, a, b)
-            result = classifier.classify(a, pages)
-            classifier.check_pages(pages, section.page_vaddr(a, layout.size_page), checks)
-            for lo, hi in probes:
-                for pfn in range(max(lo, a), min(hi, b)):
-                    evidence.kernel_pages[pfn] = result.classes[pfn - a]
-            for lo, hi in result.retract:
-                builder.withdraw(lo, hi)
-            late = withhold_hotplugged and not section.early
-            ok = section.usable and not late
-            usable = (usable_start - a, usable_end - a) if ok else (0, 0)
-            runs = policy.reusable_runs(result.classes, result.poisoned, usable)
-            lo, hi = max(usable_start - a, 0), min(usable_end - a, npages)
-            if lo < hi:
-                by_class = sum(y - x for x, y in native.runs(result.classes, reuse_lut,
-                                                             None, lo, hi))
-                if ok:
-                    candidates += by_class
-                elif not section.usable:
-                    offline_pages += by_class
-                else:
-                    hotplugged_pages += by_class
-            builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
-            native.count(result.classes, chunk_counts)
-            if count_zero:
-                zero_pages += _count_zero(vm, a, b, result.classes)
+    for chunk in classified_chunks(vm, xlat, sections, classifier, spans):
+        a, b, section = chunk.start_pfn, chunk.end_pfn, chunk.section
+        npages = b - a
+        result = chunk.result
+        if chunk.pages is None or result is None:
+            counts[PageClass.NO_MEMMAP] += npages
             done += npages
-            if progress is not None:
-                progress(done, total)
+            continue
+        classifier.check_pages(chunk.pages, section.page_vaddr(a, layout.size_page), checks)
+        for lo, hi in probes:
+            for pfn in range(max(lo, a), min(hi, b)):
+                evidence.kernel_pages[pfn] = result.classes[pfn - a]
+        for lo, hi in result.retract:
+            builder.withdraw(lo, hi)
+        late = withhold_hotplugged and not section.early
+        ok = section.usable and not late
+        usable = (chunk.usable_start - a, chunk.usable_end - a) if ok else (0, 0)
+        runs = policy.reusable_runs(result.classes, result.poisoned, usable)
+        lo, hi = max(chunk.usable_start - a, 0), min(chunk.usable_end - a, npages)
+        if lo < hi:
+            by_class = sum(y - x for x, y in native.runs(result.classes, reuse_lut, None, lo, hi))
+            if ok:
+                candidates += by_class
+            elif not section.usable:
+                offline_pages += by_class
+            else:
+                hotplugged_pages += by_class
+        builder.add_runs([(a + lo, a + hi) for lo, hi in runs])
+        native.count(result.classes, chunk_counts)
+        if count_zero:
+            zero_pages += _count_zero(vm, a, b, result.classes)
+        done += npages
+        if progress is not None:
+            progress(done, total)
     for c in PageClass:
         if chunk_counts[c]:
             counts[c] += int(chunk_counts[c])
@@ -270,7 +305,7 @@ def make_plan(
         categories["remaining"] = categories["remaining"] - zero_pages
     features: dict[str, Any] = {
         **layout.features(),
-        "paging_levels": 5 if five_level else 4,
+        "paging_levels": xlat.paging_levels,
         "kaslr_offset": info.kerneloffset,
         "sparsemem_extreme": sections.extreme,
         "section_size_bits": sections.section_size_bits,
@@ -319,12 +354,6 @@ def _split_and_filter(
             if b - a >= min_run_pages:
                 out.append(Extent(a, b))
     return out
-
-
-def read_crash_log(vm: Vmcore) -> list[LogRecord]:
-    """The crashed kernel's printk log (both ring formats), oldest record first."""
-    xlat = make_translator(vm.header.arch, vm.info, vm.header.loads, vm.phys.read_u64)
-    return read_log(vm.info, VirtMem(xlat, vm.phys))
 
 
 def xlat_read_u64(xlat: Translator, vm: Vmcore) -> Callable[[int], int]:
