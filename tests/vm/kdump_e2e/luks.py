@@ -196,8 +196,12 @@ def analyse(d: Path, kv: dict[str, str]) -> dict[str, Any]:
     r["unlock_ok"] = kv.get("ActiveState") == "active" and (d / "luks-open").exists()
     journal = _text(d / "luks-journal.txt")
     kernel = _text(d / "luks-kernel.txt")
-    r["unlock_failure"] = None if r["unlock_ok"] else (
-        classify_failure(journal, kernel, kv) or "the unit did not run (no result)")
+    if r["unlock_ok"]:
+        r["unlock_failure"] = None
+    elif not kv:  # the capture unit never ran: the caller says why (timeout, hang, stop)
+        r["unlock_failure"] = None
+    else:
+        r["unlock_failure"] = classify_failure(journal, kernel, kv) or "the unit did not run"
     words = ("memory", "Failed", "failed", "Set up")
     r["unlock_messages"] = [ln for ln in journal.splitlines() if any(w in ln for w in words)][-6:]
     r["kernel_messages"] = kernel.strip().splitlines()[-6:]

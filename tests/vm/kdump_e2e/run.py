@@ -279,14 +279,30 @@ def run_mode(mode: str, args: argparse.Namespace, kernel: mk.Kernel, workdir: Pa
                           + f" before the capture finished (last mark {last})")
     if files is not None:
         result.update(analyse(mode, files))
-    if mode in LUKS_MODES and result.get("error") and not result.get("unlock_ok"):
+    hung = console_warnings(console)
+    if hung:
+        result["console_warnings"] = hung
+    if mode in LUKS_MODES and result.get("error") and not result.get("unlock_failure") \
+            and not result.get("unlock_ok"):
         # A run that ended before the capture unit: why, from the marks and the console.
-        result.setdefault("unlock_failure", result["error"])
+        result["unlock_failure"] = result["error"] + (f"; console: {hung[-1]}" if hung else "")
     shutil.rmtree(rundir)
     return result
 
 
 # -- analysis -------------------------------------------------------------------------------
+
+
+def console_warnings(console: Path) -> list[str]:
+    """The kernel's and systemd's stall reports on the console (hung tasks, watchdogs): what a
+    run that hangs leaves, when nothing reaches the dump disk."""
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return []
+    keys = ("blocked for more than", "Watchdog timeout", "System is deadlocked",
+            "Possible stuck request", "Out of memory")
+    return [line.strip()[:160] for line in text.splitlines() if any(k in line for k in keys)]
 
 
 def _json(path: Path) -> dict[str, Any]:
