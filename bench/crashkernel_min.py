@@ -52,8 +52,11 @@ def point(mode: str, r: dict[str, Any], results: Path) -> dict[str, Any]:
         last = max(marks.items(), key=lambda kv: float(kv[1]))[0] if marks else "-"
         why = f"timeout (hang?) after the {last} mark"
     elif not r.get("completed"):
-        if r.get("unlock_failure") or r.get("error"):
-            why = str(r.get("unlock_failure") or r.get("error"))
+        if r.get("error") or r.get("unlock_failure"):
+            why = str(r.get("error") or r.get("unlock_failure"))
+            hung = r.get("console_warnings") or []
+            if hung and "console:" not in why:
+                why += f"; console: {hung[-1]}"
         elif mode.endswith("swap") and r.get("kdumpd_unit") != "active":
             why = f"kdumpd.service {r.get('kdumpd_unit')}"
         elif r.get("dump_identical") is False:
