@@ -2,7 +2,7 @@
 """kdumpd end to end: a kdump capture that runs out of memory without kdumpd succeeds with it,
 and its dump is identical, page for page, to one taken before kdumpd touched anything.
 
-    python3 tests/vm/kdump_e2e/run.py --kernel 6.1 [--ram 2048] [--crashkernel 256M]
+    python3 tests/vm/kdump_e2e/run.py --kernel 6.1 [--ram 3072] [--crashkernel 192M]
         [--modes control,swap,scratch,luks-control,luks-swap] [--out DIR] [--timeout 900]
         [--factor 3] [--passes 2] [--luks-expect fail|complete]
 
@@ -606,8 +606,8 @@ def print_summary(line: dict[str, Any], results: dict[str, dict[str, Any]]) -> N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernel", default="6.1", help="installed kernel release or prefix")
-    ap.add_argument("--ram", type=int, default=2048, help="guest RAM in MiB")
-    ap.add_argument("--crashkernel", default="256M")
+    ap.add_argument("--ram", type=int, default=3072, help="guest RAM in MiB")
+    ap.add_argument("--crashkernel", default="192M")
     ap.add_argument("--modes", default=",".join(MODES),
                     help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--out", type=Path, default=None,
