@@ -83,6 +83,21 @@ def image(vmcore: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sparse_copy(vmcore, tmp_path_factory.mktemp("image") / "vmcore.img")
 
 
+@pytest.fixture(scope="module")
+def synth(prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small synthetic 6.1 core with free buddy blocks to serve from, and its image copy:
+    fast to plan, for the tests of what happens around serving rather than of the plan."""
+    from tests.synth.builder import Machine, template
+
+    m = Machine(template("6.1"), ram=128 << 20)
+    buddy = int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"])
+    for head in range(0x4000, 0x8000, 0x400):
+        m.page(head, _mapcount=buddy, private=10)
+    d = tmp_path_factory.mktemp("synth")
+    core = m.write(d / "vmcore")
+    return core, sparse_copy(core, d / "image")
+
+
 @dataclass
 class Served:
     """A running ``kdumpd serve``."""

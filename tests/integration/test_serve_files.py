@@ -15,19 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Served, kdumpd, sparse_copy, start_serve
-from tests.synth.builder import Machine, template
-
-
-@pytest.fixture(scope="module")
-def synth(prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    m = Machine(template("6.1"), ram=128 << 20)
-    buddy = int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"])
-    for head in range(0x4000, 0x8000, 0x400):
-        m.page(head, _mapcount=buddy, private=10)
-    d = tmp_path_factory.mktemp("synth")
-    core = m.write(d / "vmcore")
-    return core, sparse_copy(core, d / "image")
+from tests.integration.conftest import Served, kdumpd, start_serve
 
 
 @pytest.fixture

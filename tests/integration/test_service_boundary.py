@@ -23,21 +23,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.integration.conftest import _env, kdumpd, sparse_copy, start_serve
-from tests.synth.builder import Machine, template
+from tests.integration.conftest import _env, kdumpd, start_serve
 
 KDUMPD = [sys.executable, "-m", "kdumpd"]
-
-
-@pytest.fixture(scope="module")
-def synth(prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    m = Machine(template("6.1"), ram=128 << 20)
-    buddy = int(m.info["NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"])
-    for head in range(0x4000, 0x8000, 0x400):
-        m.page(head, _mapcount=buddy, private=10)
-    d = tmp_path_factory.mktemp("boundary")
-    core = m.write(d / "vmcore")
-    return core, sparse_copy(core, d / "image")
 
 
 @pytest.fixture
