@@ -34,12 +34,10 @@ def alive(pid: object) -> bool:
         return False
 
 
-def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
-    """A memory figure of a process from /proc/PID/status in bytes (0 if unknown): ``VmRSS``
-    (all resident pages), ``RssAnon`` (its own heap and stacks, without file or shared
-    mappings such as an image backend's), ``VmLck`` (mlocked)."""
+def _kib_field(path: str, field: str) -> int:
+    """The ``FIELD:  N kB`` line of a /proc file in bytes (0 if unknown)."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        with open(path, encoding="ascii") as fh:
             for line in fh:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -48,17 +46,17 @@ def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
     return 0
 
 
+def process_rss(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc/PID/status in bytes (0 if unknown): ``VmRSS``
+    (all resident pages), ``RssAnon`` (its own heap and stacks, without file or shared
+    mappings such as an image backend's), ``VmLck`` (mlocked)."""
+    return _kib_field(f"/proc/{pid}/status", field)
+
+
 def process_pss(pid: int | str = "self") -> int:
     """Proportional set size of a process in bytes (0 if unknown), from smaps_rollup: what it
     costs with the pages it shares (libpython, libc) split among their users."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _kib_field(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 _NOT_OURS = object()
